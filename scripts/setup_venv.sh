@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Creates (or reuses) .venv under the repo with pinned versions. Safe to run twice.
+# Usage: scripts/setup_venv.sh [EXTRAS]   e.g. scripts/setup_venv.sh test
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-}"
+py="${PYTHON:-python3.11}"
+command -v "$py" >/dev/null || py=python3
+if [ ! -x .venv/bin/python ]; then
+  "$py" -m venv .venv
+fi
+stamp=".venv/.installed-${extras:-base}"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  .venv/bin/python -m pip install -q --upgrade pip
+  spec="."
+  [ -n "$extras" ] && spec=".[${extras}]"
+  .venv/bin/python -m pip install -q -e "$spec"
+  touch "$stamp"
+fi
