@@ -1,0 +1,111 @@
+"""HF folder -> `Qwen25VL`, placing every parameter straight into its target sharding.
+
+The model is first built abstractly (`nnx.eval_shape`: no memory), then each parameter is made
+with `jax.make_array_from_callback`: every device's callback reads only its own slice of the
+memory-mapped safetensors, so a 7B import never holds the whole model on one host.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from eemo_jax.hf.keys import KeyRule, canonical_key, key_table, num_layers
+from eemo_jax.hf.safetensors_io import CheckpointError, SafetensorsFolder
+from eemo_jax.model.config import Qwen25VLConfig
+from eemo_jax.model.qwen25vl import Qwen25VL
+from eemo_jax.parallel.sharding import DEFAULT_RULES, current_mesh, state_shardings
+
+
+def read_config(folder: str) -> Qwen25VLConfig:
+  path = os.path.join(folder, "config.json")
+  if not os.path.exists(path):
+    raise CheckpointError(f"{folder} has no config.json; pass an HF model folder (config.json + *.safetensors)")
+  with open(path) as f:
+    return Qwen25VLConfig.from_hf(json.load(f))
+
+
+def abstract_model(config: Qwen25VLConfig, *, dtype="float32", param_dtype=None, **model_kwargs) -> Qwen25VL:
+  """The model with ShapeDtypeStruct leaves: shapes and metadata, no memory."""
+  param_dtype = param_dtype or dtype
+  return nnx.eval_shape(lambda: Qwen25VL(config, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(param_dtype),
+                                         rngs=nnx.Rngs(0), **model_kwargs))
+
+
+def load_hf(folder: str, *, dtype="float32", param_dtype=None, mesh=None, rules=DEFAULT_RULES,
+            **model_kwargs) -> Qwen25VL:
+  """Loads an HF Qwen2.5-VL folder (either key layout, one file or sharded) into a `Qwen25VL`.
+
+  `dtype` is the compute dtype and, unless `param_dtype` is given, the parameter dtype. With a
+  mesh (argument, or the one set by `jax.set_mesh`), parameters are created sharded by `rules`.
+  """
+  config = read_config(folder)
+  tensors = SafetensorsFolder(folder)
+  present = {canonical_key(k): k for k in tensors.keys()}
+  if config.tie_word_embeddings and "lm_head.weight" in present:
+    # transformers keeps a stored lm_head untied even when the config says tied (spec §2.2).
+    config = config.replace(tie_word_embeddings=False)
+  model = abstract_model(config, dtype=dtype, param_dtype=param_dtype, **model_kwargs)
+  graphdef, state = nnx.split(model)
+  _check_keys(config, present, folder)
+  mesh = mesh if mesh is not None else current_mesh()
+  shardings = state_shardings(state, mesh, rules) if mesh is not None else None
+
+  flat = dict(nnx.to_flat_state(state))
+  flat_shardings = dict(nnx.to_flat_state(shardings)) if shardings is not None else {}
+  for rule in key_table(config):
+    var = flat[rule.path]
+    target = var.get_value() if hasattr(var, "get_value") else var.value
+    sharding = flat_shardings.get(rule.path)
+    sharding = getattr(sharding, "value", sharding)
+    var.set_value(_materialize(rule, config, tensors, present, target, sharding))
+  return nnx.merge(graphdef, state)
+
+
+def _check_keys(config: Qwen25VLConfig, present: dict[str, str], folder: str) -> None:
+  expected = set()
+  for rule in key_table(config):
+    layers = range(num_layers(rule, config)) if rule.stacked else [None]
+    expected.update(rule.hf_key(i) for i in layers)
+  missing = sorted(expected - set(present))
+  unexpected = sorted(set(present) - expected)
+  if missing or unexpected:
+    parts = []
+    if missing:
+      parts.append(f"missing keys {_few(missing)}")
+    if unexpected:
+      parts.append(f"unexpected keys {_few(unexpected)}")
+    raise CheckpointError(f"{folder} does not match its config.json ({'; '.join(parts)}). Is the folder a "
+                          "complete Qwen2.5-VL checkpoint saved by transformers?")
+
+
+def _few(keys: list[str]) -> str:
+  return ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+
+
+def _materialize(rule: KeyRule, config, tensors: SafetensorsFolder, present, target, sharding) -> jax.Array:
+  """One parameter from its HF tensors; per layer for stacked rules, checked for shape."""
+  per_layer_shape = target.shape[1:] if rule.stacked else target.shape
+  hf_shape = rule.transform.hf_shape(tuple(per_layer_shape), config)
+  layers = num_layers(rule, config) if rule.stacked else None
+  for i in range(layers) if rule.stacked else [None]:
+    key = present[rule.hf_key(i)]
+    if tuple(tensors.shape(key)) != tuple(hf_shape):
+      raise CheckpointError(f"tensor {key} has shape {tuple(tensors.shape(key))}, but config.json implies "
+                            f"{tuple(hf_shape)}")
+
+  def read(index: tuple[slice, ...]) -> np.ndarray:
+    if not rule.stacked:
+      return np.asarray(rule.transform.to_jax(tensors.get(present[rule.hf_key()]))[index], dtype=target.dtype)
+    picked = range(layers)[index[0]]
+    return np.stack([np.asarray(rule.transform.to_jax(tensors.get(present[rule.hf_key(i)]))[index[1:]],
+                                dtype=target.dtype) for i in picked])
+
+  if sharding is None:
+    return jnp.asarray(read(tuple(slice(None) for _ in target.shape)))
+  return jax.make_array_from_callback(target.shape, sharding, read)

@@ -1,0 +1,57 @@
+"""The one attention function, with an XLA implementation and cuDNN flash attention for GPU.
+
+Both the vision tower (block-diagonal masks from segment ids) and the text decoder (causal plus
+padding masks, with or without a KV cache) call `attention`; only the boolean mask differs.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+Implementation = Literal["xla", "cudnn"]
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
+              implementation: Implementation = "xla") -> jax.Array:
+  """Scaled dot-product attention with grouped KV heads.
+
+  q: (batch, q_len, heads, head_dim); k, v: (batch, kv_len, kv_heads, head_dim);
+  mask: bool, broadcastable to (batch, 1, q_len, kv_len), True where the key is visible.
+  Returns (batch, q_len, heads, head_dim) in q's dtype.
+  """
+  scale = q.shape[-1] ** -0.5
+  if implementation == "cudnn":
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
+  if implementation != "xla":
+    raise ValueError(f"Unknown attention implementation {implementation!r}; use 'xla' or 'cudnn'")
+  b, lq, h, d = q.shape
+  kv_heads = k.shape[2]
+  groups = h // kv_heads
+  # Query head j*groups + g reads kv head j, as HF's repeat_kv; no copy of K/V is made.
+  qg = q.reshape(b, lq, kv_heads, groups, d)  # (batch, q_len, kv_heads, groups, head_dim)
+  scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32) * scale
+  # (batch, kv_heads, groups, q_len, kv_len); fully masked rows (padding queries) become uniform, not NaN.
+  scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
+  return out.reshape(b, lq, h, d)
+
+
+def causal_mask(attention_mask: jax.Array, q_slots: jax.Array, kv_len: int) -> jax.Array:
+  """Key j is visible to query i iff j <= slot(i) and key j is not padding.
+
+  attention_mask: (batch, kv_len) 1 for real tokens; q_slots: (q_len,) or (batch, q_len) cache slot
+  of each query. Returns (batch, 1, q_len, kv_len) bool.
+  """
+  kv = jnp.arange(kv_len)
+  q_slots = jnp.broadcast_to(q_slots, (attention_mask.shape[0],) + q_slots.shape[-1:])
+  visible = kv[None, None, :] <= q_slots[:, :, None]  # (batch, q_len, kv_len)
+  return (visible & attention_mask[:, None, :].astype(bool))[:, None]
+
+
+def segment_mask(segment_ids: jax.Array) -> jax.Array:
+  """Block-diagonal mask: tokens attend within their own segment. (seq,) -> (1, 1, seq, seq)."""
+  return (segment_ids[:, None] == segment_ids[None, :])[None, None]

@@ -1,0 +1,136 @@
+"""The Qwen2.5-VL vision tower: patch embedding, windowed/full attention blocks, patch merger.
+
+All images of a batch run as one sequence of patches (as in HF), padded to a static patch budget.
+Window and full attention are the same scanned block; a per-layer flag picks which segment ids
+(windows or whole frames) build its block-diagonal mask.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from eemo_jax.model import positions
+from eemo_jax.model.attention import Implementation, attention, segment_mask
+from eemo_jax.model.config import VisionConfig
+from eemo_jax.model.layers import Linear, RMSNorm, SwiGLU, scan_layers, stacked
+from eemo_jax.model.rope import apply_rotary, rotate_half, vision_cos_sin
+
+
+@struct.dataclass
+class VisionInputs:
+  """Static-shape vision inputs; every index array is computed on the host (`prepare_vision`).
+
+  S_pad is the patch budget, M_pad = S_pad / merge_unit.
+  """
+  pixel_values: jax.Array  # (S_pad, patch_dim) float, padded rows zero
+  window_index: jax.Array  # (M_pad,) int32: raster -> window order of merged tokens
+  reverse_index: jax.Array  # (M_pad,) int32: window -> raster order
+  window_segment_ids: jax.Array  # (S_pad,) int32, window order
+  full_segment_ids: jax.Array  # (S_pad,) int32, window order
+  rope_positions: jax.Array  # (S_pad, 2) int32 (h, w) patch ids, window order
+
+
+def prepare_vision(pixel_values, image_grid_thw, config: VisionConfig, patch_budget: int | None = None,
+                   dtype=np.float32) -> VisionInputs:
+  """Host side: pads `pixel_values` to the patch budget and computes the window layout."""
+  grid = np.asarray(image_grid_thw, dtype=np.int64).reshape(-1, 3)
+  pixels = np.asarray(pixel_values, dtype=dtype)
+  layout = positions.vision_layout(grid, patch_size=config.patch_size,
+                                   spatial_merge_size=config.spatial_merge_size,
+                                   window_size=config.window_size, patch_budget=patch_budget)
+  n = layout.num_patches
+  if pixels.shape != (n, config.patch_dim):
+    raise ValueError(f"pixel_values has shape {pixels.shape}, but image_grid_thw {grid.tolist()} needs "
+                     f"({n}, {config.patch_dim}) for this model; were they made by this model's processor?")
+  s_pad = layout.window_segment_ids.shape[0]
+  pixels = np.concatenate([pixels, np.zeros((s_pad - n, pixels.shape[1]), dtype)], axis=0)
+  return VisionInputs(pixel_values=pixels, window_index=layout.window_index, reverse_index=layout.reverse_index,
+                      window_segment_ids=layout.window_segment_ids, full_segment_ids=layout.full_segment_ids,
+                      rope_positions=layout.rope_positions)
+
+
+class VisionAttention(nnx.Module):
+  def __init__(self, cfg: VisionConfig, *, param_dtype, rngs):
+    d = cfg.hidden_size
+    # qkv rows are [q (all heads); k; v] as in HF, so one (in, 3*d) kernel keeps the key table 1:1.
+    self.qkv = Linear(d, 3 * d, axes=("embed", "qkv"), param_dtype=param_dtype, rngs=rngs)
+    self.proj = Linear(d, d, axes=("heads", "embed"), param_dtype=param_dtype, rngs=rngs)
+    self.num_heads = cfg.num_heads
+
+  def __call__(self, x, cos, sin, mask, implementation):
+    s, d = x.shape
+    qkv = self.qkv(x).reshape(s, 3, self.num_heads, d // self.num_heads)
+    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # (patches, heads, head_dim)
+    # HF rotates the vision q/k in fp32 and casts back (spec §4.5).
+    q = _rotate_fp32(q, cos, sin)
+    k = _rotate_fp32(k, cos, sin)
+    out = attention(q[None], k[None], v[None], mask, implementation=implementation)[0]
+    return self.proj(out.reshape(s, d))
+
+
+def _rotate_fp32(x, cos, sin):
+  xf = x.astype(jnp.float32)
+  return (xf * cos[:, None] + rotate_half(xf) * sin[:, None]).astype(x.dtype)
+
+
+class VisionBlock(nnx.Module):
+  def __init__(self, cfg: VisionConfig, *, param_dtype, rngs):
+    self.norm1 = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
+    self.attn = VisionAttention(cfg, param_dtype=param_dtype, rngs=rngs)
+    self.norm2 = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
+    self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, use_bias=True, param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, x, cos, sin, mask, implementation):
+    x = x + self.attn(self.norm1(x), cos, sin, mask, implementation)
+    return x + self.mlp(self.norm2(x))
+
+
+class PatchMerger(nnx.Module):
+  """RMSNorm, then each 2x2 block of patches (4 consecutive rows) -> one LLM token via an MLP."""
+
+  def __init__(self, cfg: VisionConfig, out_dim: int, *, param_dtype, rngs):
+    wide = cfg.hidden_size * cfg.merge_unit
+    self.ln_q = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
+    self.mlp_0 = Linear(wide, wide, axes=("merge", "mlp"), param_dtype=param_dtype, rngs=rngs)
+    self.mlp_2 = Linear(wide, out_dim, axes=("mlp", "embed"), param_dtype=param_dtype, rngs=rngs)
+    self.wide = wide
+
+  def __call__(self, x):
+    x = self.ln_q(x).reshape(-1, self.wide)  # (merged, 4*hidden)
+    return self.mlp_2(jax.nn.gelu(self.mlp_0(x), approximate=False))  # exact erf GELU, as nn.GELU()
+
+
+class VisionTower(nnx.Module):
+  def __init__(self, cfg: VisionConfig, *, param_dtype=jnp.float32, remat: str = "none",
+               attention_impl: Implementation = "xla", rngs: nnx.Rngs | None):
+    self.config = cfg
+    # Conv3d with kernel == stride over flattened patches is a matmul; no bias.
+    self.patch_embed = Linear(cfg.patch_dim, cfg.hidden_size, axes=("patch", "embed"), use_bias=False,
+                              param_dtype=param_dtype, rngs=rngs)
+    self.blocks = stacked(lambda r: VisionBlock(cfg, param_dtype=param_dtype, rngs=r), cfg.depth, rngs)
+    self.merger = PatchMerger(cfg, cfg.out_hidden_size, param_dtype=param_dtype, rngs=rngs)
+    self.remat = remat
+    self.attention_impl = attention_impl
+
+  def __call__(self, inputs: VisionInputs, dtype=jnp.float32) -> jax.Array:
+    """Returns merged image features (M_pad, out_hidden_size) in raster order; padded rows last."""
+    cfg = self.config
+    unit = cfg.merge_unit
+    x = self.patch_embed(inputs.pixel_values.astype(dtype))  # (S_pad, hidden)
+    s_pad, d = x.shape
+    x = x.reshape(s_pad // unit, unit, d)[inputs.window_index].reshape(s_pad, d)
+    cos, sin = vision_cos_sin(inputs.rope_positions, cfg.head_dim, cfg.rope_theta)  # (S_pad, head_dim)
+    is_full = jnp.asarray(np.isin(np.arange(cfg.depth), cfg.fullatt_block_indexes))  # (depth,)
+    window_mask = segment_mask(inputs.window_segment_ids)
+    full_mask = segment_mask(inputs.full_segment_ids)
+
+    def body(block, h, full):
+      mask = jnp.where(full, full_mask, window_mask)
+      return block(h, cos, sin, mask, self.attention_impl), None
+
+    x, _ = scan_layers(self.blocks, body, x, is_full, remat=self.remat)
+    merged = self.merger(x)  # (M_pad, out_hidden), window order
+    return merged[inputs.reverse_index]
