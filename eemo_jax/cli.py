@@ -1,0 +1,32 @@
+"""The `eemo-jax` command. Each subcommand lives in its own module exposing
+`add_arguments(parser, name)` and `run(args) -> int`. Command modules import jax and the model
+inside `run`, so building the parser (and `eemo-jax --help`) stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "demo": ("eemo_jax.commands.demo", "the main job on the embedded default, end to end"),
+    "import-hf": ("eemo_jax.hf.convert", "HF folder -> Orbax checkpoint"),
+    "export-hf": ("eemo_jax.hf.convert", "Orbax checkpoint -> HF folder (loads with transformers)"),
+    "parity": ("eemo_jax.commands.parity", "per-component differences against transformers"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="eemo-jax", description="EEmo-JAX: Qwen2.5-VL emotion models in JAX")
+  sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+  for name, (module, help_text) in COMMANDS.items():
+    p = sub.add_parser(name, help=help_text, description=help_text)
+    importlib.import_module(module).add_arguments(p, name)
+  args = parser.parse_args(argv)
+  module = importlib.import_module(COMMANDS[args.command][0])
+  return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,11 @@
+"""Test setup: 8 fake CPU devices for mesh tests, full-precision matmuls for parity."""
+
+import os
+import sys
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+sys.path.insert(0, os.path.dirname(__file__))
+
+import jax  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
