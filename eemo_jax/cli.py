@@ -20,9 +20,11 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="eemo-jax", description="EEmo-JAX: Qwen2.5-VL emotion models in JAX")
   sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+  argv = sys.argv[1:] if argv is None else list(argv)
   for name, (module, help_text) in COMMANDS.items():
     p = sub.add_parser(name, help=help_text, description=help_text)
-    importlib.import_module(module).add_arguments(p, name)
+    if argv and argv[0] == name:  # only the chosen command's module is imported
+      importlib.import_module(module).add_arguments(p, name)
   args = parser.parse_args(argv)
   module = importlib.import_module(COMMANDS[args.command][0])
   return int(module.run(args) or 0)

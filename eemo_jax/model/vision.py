@@ -16,7 +16,7 @@ from eemo_jax.model import positions
 from eemo_jax.model.attention import Implementation, attention, segment_mask
 from eemo_jax.model.config import VisionConfig
 from eemo_jax.model.layers import Linear, RMSNorm, SwiGLU, scan_layers, stacked
-from eemo_jax.model.rope import apply_rotary, rotate_half, vision_cos_sin
+from eemo_jax.model.rope import rotate_half, vision_cos_sin
 
 
 @struct.dataclass
@@ -115,8 +115,12 @@ class VisionTower(nnx.Module):
     self.remat = remat
     self.attention_impl = attention_impl
 
-  def __call__(self, inputs: VisionInputs, dtype=jnp.float32) -> jax.Array:
-    """Returns merged image features (M_pad, out_hidden_size) in raster order; padded rows last."""
+  def __call__(self, inputs: VisionInputs, dtype=jnp.float32, *, return_blocks: bool = False):
+    """Returns merged image features (M_pad, out_hidden_size) in raster order; padded rows last.
+
+    With `return_blocks`, also the last block's output (S_pad, hidden) in raster patch order, the
+    merger's input (for per-component parity reports).
+    """
     cfg = self.config
     unit = cfg.merge_unit
     x = self.patch_embed(inputs.pixel_values.astype(dtype))  # (S_pad, hidden)
@@ -132,5 +136,8 @@ class VisionTower(nnx.Module):
       return block(h, cos, sin, mask, self.attention_impl), None
 
     x, _ = scan_layers(self.blocks, body, x, is_full, remat=self.remat)
-    merged = self.merger(x)  # (M_pad, out_hidden), window order
-    return merged[inputs.reverse_index]
+    merged = self.merger(x)[inputs.reverse_index]  # (M_pad, out_hidden), raster order
+    if not return_blocks:
+      return merged
+    blocks = x.reshape(s_pad // unit, unit, d)[inputs.reverse_index].reshape(s_pad, d)
+    return merged, blocks
