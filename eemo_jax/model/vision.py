@@ -13,7 +13,7 @@ import numpy as np
 from flax import nnx, struct
 
 from eemo_jax.model import positions
-from eemo_jax.model.attention import Implementation, attention, segment_mask
+from eemo_jax.model.attention import Implementation, attention, local_segment_attention, segment_mask
 from eemo_jax.model.config import VisionConfig
 from eemo_jax.model.layers import Linear, RMSNorm, SwiGLU, scan_layers, stacked
 from eemo_jax.model.rope import rotate_half, vision_cos_sin
@@ -60,14 +60,19 @@ class VisionAttention(nnx.Module):
     self.proj = Linear(d, d, axes=("heads", "embed"), param_dtype=param_dtype, rngs=rngs)
     self.num_heads = cfg.num_heads
 
-  def __call__(self, x, cos, sin, mask, implementation):
+  def __call__(self, x, cos, sin, segments, implementation):
+    """`segments` is ("window", ids, chunk) for windowed blocks or ("full", mask) for full attention."""
     s, d = x.shape
     qkv = self.qkv(x).reshape(s, 3, self.num_heads, d // self.num_heads)
     q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # (patches, heads, head_dim)
     # HF rotates the vision q/k in fp32 and casts back (spec §4.5).
     q = _rotate_fp32(q, cos, sin)
     k = _rotate_fp32(k, cos, sin)
-    out = attention(q[None], k[None], v[None], mask, implementation=implementation)[0]
+    if segments[0] == "window":
+      _, ids, chunk = segments
+      out = local_segment_attention(q, k, v, ids, chunk, implementation=implementation)
+    else:
+      out = attention(q[None], k[None], v[None], segments[1], implementation=implementation)[0]
     return self.proj(out.reshape(s, d))
 
 
@@ -83,8 +88,8 @@ class VisionBlock(nnx.Module):
     self.norm2 = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
     self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, use_bias=True, param_dtype=param_dtype, rngs=rngs)
 
-  def __call__(self, x, cos, sin, mask, implementation):
-    x = x + self.attn(self.norm1(x), cos, sin, mask, implementation)
+  def __call__(self, x, cos, sin, segments, implementation):
+    x = x + self.attn(self.norm1(x), cos, sin, segments, implementation)
     return x + self.mlp(self.norm2(x))
 
 
@@ -128,12 +133,15 @@ class VisionTower(nnx.Module):
     x = x.reshape(s_pad // unit, unit, d)[inputs.window_index].reshape(s_pad, d)
     cos, sin = vision_cos_sin(inputs.rope_positions, cfg.head_dim, cfg.rope_theta)  # (S_pad, head_dim)
     is_full = jnp.asarray(np.isin(np.arange(cfg.depth), cfg.fullatt_block_indexes))  # (depth,)
-    window_mask = segment_mask(inputs.window_segment_ids)
-    full_mask = segment_mask(inputs.full_segment_ids)
+    # Windows are contiguous runs of at most merged_window² merged tokens: local attention is exact.
+    windows = ("window", inputs.window_segment_ids, cfg.merged_window**2 * unit)
+    full = ("full", segment_mask(inputs.full_segment_ids))  # (1, 1, S_pad, S_pad), one segment per frame
+    impl = self.attention_impl
 
-    def body(block, h, full):
-      mask = jnp.where(full, full_mask, window_mask)
-      return block(h, cos, sin, mask, self.attention_impl), None
+    def body(block, h, is_full_block):
+      h = jax.lax.cond(is_full_block, lambda y: block(y, cos, sin, full, impl),
+                       lambda y: block(y, cos, sin, windows, impl), h)
+      return h, None
 
     x, _ = scan_layers(self.blocks, body, x, is_full, remat=self.remat)
     merged = self.merger(x)[inputs.reverse_index]  # (M_pad, out_hidden), raster order
