@@ -101,7 +101,9 @@ def _materialize(rule: KeyRule, config, tensors: SafetensorsFolder, present, tar
 
   def read(index: tuple[slice, ...]) -> np.ndarray:
     if not rule.stacked:
-      return np.asarray(rule.transform.to_jax(tensors.get(present[rule.hf_key()]))[index], dtype=target.dtype)
+      # A copy, not a view: on CPU, make_array_from_callback may alias the host buffer, and a
+      # parameter must not change (or fault) when its source file is later overwritten.
+      return np.array(rule.transform.to_jax(tensors.get(present[rule.hf_key()]))[index], dtype=target.dtype)
     picked = range(layers)[index[0]]
     return np.stack([np.asarray(rule.transform.to_jax(tensors.get(present[rule.hf_key(i)]))[index[1:]],
                                 dtype=target.dtype) for i in picked])

@@ -36,8 +36,10 @@ def _read_header(path: str) -> tuple[dict, int]:
       raise CheckpointError(f"{path} is not a safetensors file (header length {n})")
     try:
       header = json.loads(f.read(n))
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # JSONDecodeError, or UnicodeDecodeError for binary garbage
       raise CheckpointError(f"{path} has a corrupt safetensors header: {e}") from None
+  if not isinstance(header, dict):
+    raise CheckpointError(f"{path} has a corrupt safetensors header: expected a JSON object")
   return header, 8 + n
 
 
@@ -51,13 +53,11 @@ class SafetensorsFolder:
     self._maps: dict[str, np.memmap] = {}
     for path in files:
       header, offset = _read_header(path)
+      file_size = os.path.getsize(path)
       for key, info in header.items():
         if key == "__metadata__":
           continue
-        if info["dtype"] not in _DTYPES:
-          raise CheckpointError(f"{path}: tensor {key} has unsupported dtype {info['dtype']}")
-        start, end = info["data_offsets"]
-        self._entries[key] = (path, np.dtype(_DTYPES[info["dtype"]]), tuple(info["shape"]), offset + start)
+        self._entries[key] = _entry(path, key, info, offset, file_size)
 
   def keys(self) -> list[str]:
     return list(self._entries)
@@ -73,6 +73,22 @@ class SafetensorsFolder:
     path, dtype, shape, offset = self._entries[key]
     count = int(np.prod(shape)) if shape else 1
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(count,)).reshape(shape)
+
+
+def _entry(path: str, key: str, info, offset: int, file_size: int) -> tuple[str, np.dtype, tuple[int, ...], int]:
+  """One header entry, checked against the file so a truncated download fails here, naming the file."""
+  try:
+    dtype_name, shape, (start, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
+  except (KeyError, TypeError, ValueError):
+    raise CheckpointError(f"{path} has a corrupt safetensors header (entry for {key}: {info!r})") from None
+  if dtype_name not in _DTYPES:
+    raise CheckpointError(f"{path}: tensor {key} has unsupported dtype {dtype_name}")
+  dtype = np.dtype(_DTYPES[dtype_name])
+  nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+  if end - start != nbytes or offset + end > file_size:
+    raise CheckpointError(f"{path} is truncated or corrupt: tensor {key} needs bytes {offset + start}-{offset + end} "
+                          f"({nbytes} bytes) but the file has {file_size}; copy or download it again")
+  return path, dtype, shape, offset + start
 
 
 def _weight_files(folder: str) -> list[str]:

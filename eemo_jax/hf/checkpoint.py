@@ -1,0 +1,120 @@
+"""`Qwen25VL` parameters <-> an Orbax checkpoint folder, restored straight into target shardings.
+
+A checkpoint folder holds `params/` (Orbax, a nested dict of arrays: `nnx.State.to_pure_dict()`,
+so it does not depend on Flax's Variable classes) and `model_config.json` (the HF-style config
+from `Qwen25VLConfig.to_hf()`), which is all that is needed to rebuild the model. Restoring builds
+the model abstractly and asks Orbax for each array in its final sharding, so each host reads only
+its own shards and a checkpoint can be restored onto a different mesh than it was saved from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from eemo_jax.hf.load import abstract_model
+from eemo_jax.hf.safetensors_io import CheckpointError
+from eemo_jax.model.config import Qwen25VLConfig
+from eemo_jax.parallel.sharding import DEFAULT_RULES, current_mesh, state_shardings
+
+PARAMS = "params"
+CONFIG = "model_config.json"
+
+
+def save_checkpoint(model, ckpt_dir: str) -> str:
+  """Writes the model's parameters and config to `ckpt_dir`; returns the params path.
+
+  Every process must call this (Orbax writes each host's shards). Refuses to overwrite an
+  existing checkpoint, so an import cannot silently replace trained weights.
+  """
+  ckpt_dir = os.path.abspath(ckpt_dir)
+  params_dir = os.path.join(ckpt_dir, PARAMS)
+  if os.path.exists(params_dir):
+    raise CheckpointError(f"{ckpt_dir} already holds a checkpoint ({PARAMS}/); choose a new folder or "
+                          "delete the old checkpoint first")
+  os.makedirs(ckpt_dir, exist_ok=True)
+  params = nnx.state(model, nnx.Param).to_pure_dict()
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(params_dir, params)
+    checkpointer.wait_until_finished()
+  if jax.process_index() == 0:
+    with open(os.path.join(ckpt_dir, CONFIG), "w") as f:
+      json.dump(model.config.to_hf(), f, indent=2, sort_keys=True)
+      f.write("\n")
+  return params_dir
+
+
+def read_checkpoint_config(ckpt_dir: str) -> Qwen25VLConfig:
+  path = os.path.join(ckpt_dir, CONFIG)
+  if not os.path.isdir(os.path.join(ckpt_dir, PARAMS)) or not os.path.isfile(path):
+    raise CheckpointError(f"{ckpt_dir} is not an EEmo-JAX checkpoint (it needs {PARAMS}/ and {CONFIG}); "
+                          "create one with `eemo-jax import-hf HF_DIR CKPT_DIR`")
+  with open(path) as f:
+    return Qwen25VLConfig.from_hf(json.load(f))
+
+
+def stored_dtype(ckpt_dir: str) -> str:
+  """The dtype the parameters were saved in (that of the token embedding)."""
+  ckpt_dir = os.path.abspath(ckpt_dir)
+  read_checkpoint_config(ckpt_dir)
+  with ocp.StandardCheckpointer() as checkpointer:
+    tree = checkpointer.metadata(os.path.join(ckpt_dir, PARAMS)).item_metadata.tree
+  return str(tree["language_model"]["embed_tokens"]["embedding"].dtype)
+
+
+def load_checkpoint(ckpt_dir: str, *, dtype="float32", param_dtype=None, mesh=None, rules=DEFAULT_RULES,
+                    **model_kwargs):
+  """Restores a `Qwen25VL` from `ckpt_dir`, each parameter created in its target sharding.
+
+  `dtype` / `param_dtype` are as in `load_hf` (stored arrays are cast on restore). With a mesh
+  (argument, or the one set by `jax.set_mesh`) parameters are sharded by `rules`; without one
+  they land on the first local device.
+  """
+  ckpt_dir = os.path.abspath(ckpt_dir)
+  config = read_checkpoint_config(ckpt_dir)
+  model = abstract_model(config, dtype=dtype, param_dtype=param_dtype, **model_kwargs)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  if jax.tree.leaves(rest):
+    raise AssertionError("Qwen25VL has non-parameter state; save_checkpoint/load_checkpoint must store it")
+  target = _abstract_target(params, mesh if mesh is not None else current_mesh(), rules)
+  params_dir = os.path.join(ckpt_dir, PARAMS)
+  with ocp.StandardCheckpointer() as checkpointer:
+    _check_tree(checkpointer.metadata(params_dir).item_metadata.tree, target, ckpt_dir)
+    restored = checkpointer.restore(params_dir, target)
+  nnx.replace_by_pure_dict(params, restored)
+  return nnx.merge(graphdef, params)
+
+
+def _abstract_target(params: nnx.State, mesh, rules) -> dict:
+  """The pure-dict tree Orbax restores into: shape, dtype and final sharding of every parameter."""
+  if mesh is not None:
+    shardings = state_shardings(params, mesh, rules).to_pure_dict()
+  else:
+    single = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shardings = jax.tree.map(lambda _: single, params.to_pure_dict())
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      params.to_pure_dict(), shardings)
+
+
+def _check_tree(stored: dict, target: dict, ckpt_dir: str) -> None:
+  """Names the parameter that differs, instead of Orbax's tree-structure error."""
+  stored_flat = {_name(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(stored)[0]}
+  target_flat = {_name(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(target)[0]}
+  missing = sorted(set(target_flat) - set(stored_flat))
+  unexpected = sorted(set(stored_flat) - set(target_flat))
+  if missing or unexpected:
+    raise CheckpointError(f"{ckpt_dir} does not match its {CONFIG}: missing parameters {missing[:5]}, "
+                          f"unexpected parameters {unexpected[:5]}")
+  for name, want in target_flat.items():
+    have = tuple(stored_flat[name].shape)
+    if have != tuple(want.shape):
+      raise CheckpointError(f"{ckpt_dir}: parameter {name} has shape {have}, but {CONFIG} implies "
+                            f"{tuple(want.shape)}")
+
+
+def _name(path) -> str:
+  return ".".join(str(getattr(k, "key", k)) for k in path)

@@ -1,0 +1,182 @@
+"""`Qwen25VL` -> an HF folder that `transformers`' `from_pretrained` loads with no missing keys.
+
+Export walks the same key table as import (`eemo_jax.hf.keys.key_table`), applying each rule's
+inverse transform, and writes what `save_pretrained` writes: the on-disk (4.x) key layout,
+`model.safetensors` or shards with an index, `config.json`, `generation_config.json`, and the
+tokenizer / processor files of the source folder. Parameters are gathered to the host one
+(per-layer) tensor at a time and streamed to disk, so a sharded 7B model is never whole on a host.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from eemo_jax.hf.keys import KeyRule, key_table, num_layers
+from eemo_jax.hf.safetensors_io import write_sharded
+from eemo_jax.model.config import Qwen25VLConfig
+
+# Files of an HF model folder that belong to the tokenizer and the processor, not to the weights.
+ASSET_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+    "added_tokens.json", "preprocessor_config.json", "chat_template.json", "chat_template.jinja",
+    "video_preprocessor_config.json",
+)
+TRANSFORMERS_VERSION = "5.23.0"
+# Weight files a previous export may have left; removed first so a stale index cannot point
+# transformers at old shards (save_pretrained does the same).
+_WEIGHT_FILE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?$")
+
+
+def save_hf(model, out_dir: str, *, source_dir: str | None = None, dtype=None,
+            max_shard_bytes: int = 5 * 2**30) -> list[str]:
+  """Writes `model` as an HF Qwen2.5-VL folder; returns the safetensors file names written.
+
+  `dtype` (e.g. "bfloat16") casts every tensor on the device before it is gathered; None keeps
+  the parameters' dtype. `source_dir` (an HF folder or the `hf_assets` of a checkpoint) provides
+  the tokenizer / processor files and `generation_config.json`. Every process must call this;
+  only process 0 writes.
+  """
+  config: Qwen25VLConfig = model.config
+  params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  embedding = _value(params[("language_model", "embed_tokens", "embedding")])
+  out_dtype = jnp.dtype(dtype) if dtype is not None else embedding.dtype
+  tensors = hf_tensors(config, params, out_dtype)
+  writer = jax.process_index() == 0
+  names: list[str] = []
+  if writer:
+    os.makedirs(out_dir, exist_ok=True)
+    _remove_stale_weights(out_dir)
+    names = write_sharded(out_dir, tensors, max_shard_bytes=max_shard_bytes, metadata={"format": "pt"})
+    _write_json(os.path.join(out_dir, "config.json"), hf_config_dict(config, out_dtype))
+    _write_generation_config(config, out_dir, source_dir)
+    copy_assets(source_dir, out_dir)
+  else:
+    for _ in tensors:  # the gathers are collective: every process walks the same tensors
+      pass
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("eemo_jax.save_hf")
+  return names
+
+
+def hf_tensors(config: Qwen25VLConfig, params: dict, dtype) -> Iterator[tuple[str, np.ndarray]]:
+  """(HF key, host tensor) pairs in the order of HF's state dict, one layer slice at a time."""
+  for rule, layer in _ordered_keys(config):
+    value = _value(params[rule.path])
+    if layer is not None:  # sliced on the device: only one layer of a stacked parameter is gathered
+      value = _layer(value, jnp.int32(layer), dtype=jnp.dtype(dtype))
+    elif value.dtype != dtype:
+      value = value.astype(dtype)
+    host = _to_host(value)
+    hf_shape = rule.transform.hf_shape(tuple(host.shape), config)
+    yield rule.hf_key(layer), rule.transform.to_hf(host, hf_shape)
+
+
+def _ordered_keys(config: Qwen25VLConfig) -> Iterator[tuple[KeyRule, int | None]]:
+  """Table rules expanded per layer, layer-major within each stacked group, as HF lists them.
+
+  Layer-major order keeps one layer's tensors in the same shard, like `save_pretrained`.
+  """
+  rules = key_table(config)
+  i = 0
+  while i < len(rules):
+    if not rules[i].stacked:
+      yield rules[i], None
+      i += 1
+      continue
+    group = _group(rules[i])
+    j = i
+    while j < len(rules) and rules[j].stacked and _group(rules[j]) == group:
+      j += 1
+    for layer in range(num_layers(rules[i], config)):
+      for rule in rules[i:j]:
+        yield rule, layer
+    i = j
+
+
+@functools.partial(jax.jit, static_argnames="dtype")
+def _layer(value: jax.Array, layer: jax.Array, *, dtype) -> jax.Array:
+  """One layer of a stacked parameter, cast; the index is traced so each parameter compiles once."""
+  return jax.lax.dynamic_index_in_dim(value, layer, keepdims=False).astype(dtype)
+
+
+def _group(rule: KeyRule) -> str:
+  return rule.hf.split("{i}")[0]
+
+
+def _value(var):
+  return var.get_value() if hasattr(var, "get_value") else var.value
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+  """The whole array on this host; across processes when the array spans several."""
+  if getattr(x, "is_fully_addressable", True):
+    return np.asarray(jax.device_get(x))
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _remove_stale_weights(out_dir: str) -> None:
+  for name in os.listdir(out_dir):
+    if _WEIGHT_FILE.match(name):
+      os.remove(os.path.join(out_dir, name))  # unlink: a memory map still reading it stays valid
+
+
+def hf_config_dict(config: Qwen25VLConfig, dtype) -> dict:
+  """`config.json` as transformers 5.23 writes it, with the dtype of the exported tensors."""
+  return {**config.to_hf(), "dtype": jnp.dtype(dtype).name}
+
+
+def generation_config_dict(config: Qwen25VLConfig) -> dict:
+  """What `GenerationConfig.from_model_config` writes: the special ids that are set."""
+  ids = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+         "pad_token_id": config.pad_token_id}
+  ids = {k: (list(v) if isinstance(v, tuple) else v) for k, v in ids.items() if v is not None}
+  return {"_from_model_config": True, **ids, "output_attentions": False, "output_hidden_states": False,
+          "transformers_version": TRANSFORMERS_VERSION, "use_cache": True}
+
+
+def _write_generation_config(config: Qwen25VLConfig, out_dir: str, source_dir: str | None) -> None:
+  """Copies the source's generation config (it holds sampling defaults), or derives one."""
+  source = os.path.join(source_dir, "generation_config.json") if source_dir else None
+  if source and os.path.isfile(source):
+    _copy(source, os.path.join(out_dir, "generation_config.json"))
+  else:
+    _write_json(os.path.join(out_dir, "generation_config.json"), generation_config_dict(config))
+
+
+def copy_assets(source_dir: str | None, out_dir: str) -> list[str]:
+  """Copies the tokenizer / processor files present in `source_dir`; returns their names."""
+  if not source_dir:
+    return []
+  if not os.path.isdir(source_dir):
+    raise ValueError(f"source_dir {source_dir} is not a directory; pass the HF folder the model came from")
+  copied = []
+  for name in ASSET_FILES:
+    src = os.path.join(source_dir, name)
+    if os.path.isfile(src):
+      _copy(src, os.path.join(out_dir, name))
+      copied.append(name)
+  return copied
+
+
+def _copy(src: str, dst: str) -> None:
+  if os.path.exists(dst) and os.path.samefile(src, dst):
+    return
+  shutil.copyfile(src, dst)
+
+
+def _write_json(path: str, data: dict) -> None:
+  with open(path, "w") as f:
+    json.dump(data, f, indent=2, sort_keys=True)
+    f.write("\n")
