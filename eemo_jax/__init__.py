@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "load_hf": "eemo_jax.hf.load",
     "save_hf": "eemo_jax.hf.save",
-    "generate": "eemo_jax.generate.sampler",
+    "generate": None,  # the eemo_jax.generate package, which is callable
     "Qwen25VL": "eemo_jax.model.qwen25vl",
     "Qwen25VLConfig": "eemo_jax.model.config",
     "prepare_inputs": "eemo_jax.model.qwen25vl",
@@ -27,6 +27,8 @@ __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name):
+  if name == "generate":
+    return importlib.import_module("eemo_jax.generate")
   if name in _EXPORTS:
     value = getattr(importlib.import_module(_EXPORTS[name]), name)
     globals()[name] = value

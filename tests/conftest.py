@@ -9,3 +9,10 @@ sys.path.insert(0, os.path.dirname(__file__))
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+try:  # torch's idle OpenMP threads spin while XLA computes; tiny reference models need one thread.
+  import torch
+
+  torch.set_num_threads(1)
+except ImportError:
+  pass
