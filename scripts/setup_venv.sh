@@ -14,6 +14,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   spec="."
   [ -n "$extras" ] && spec=".[${extras}]"
-  .venv/bin/python -m pip install -q -e "$spec"
+  # compat mode puts the repo on sys.path, so packages added later (data_pipeline, ...) import too.
+  .venv/bin/python -m pip install -q -e "$spec" --config-settings editable_mode=compat
   touch "$stamp"
 fi

@@ -67,11 +67,14 @@ def run(args) -> int:
   _say(f"      max |Δlogits| = {diff:.2e} (logit scale {np.abs(theirs).max():.2f})")
 
   _say("[4/5] greedy generation, 16 tokens, both implementations")
-  tokens = np.asarray(eemo_jax.generate(model, **batch, max_new_tokens=16, temperature=0.0))
+  eos, pad = config.eos_token_id, 0  # rows stop at EOS and are padded after it, in both
+  tokens = np.asarray(eemo_jax.generate(model, **batch, max_new_tokens=16, temperature=0.0, eos_token_id=eos,
+                                        pad_token_id=pad))
   with torch.no_grad():
     hf_tokens = ref.generate(**{k: torch.tensor(v) for k, v in batch.items()}, do_sample=False, max_new_tokens=16,
-                             min_new_tokens=16, eos_token_id=None, pad_token_id=0)
+                             eos_token_id=eos, pad_token_id=pad)
   hf_tokens = hf_tokens[:, batch["input_ids"].shape[1]:].numpy()
+  hf_tokens = np.pad(hf_tokens, ((0, 0), (0, tokens.shape[1] - hf_tokens.shape[1])), constant_values=pad)
   same = bool((tokens == hf_tokens).all())
   _say(f"      token-identical: {same}")
 
