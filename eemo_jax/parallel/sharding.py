@@ -39,7 +39,13 @@ DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
 
 
 def make_mesh(shape: Mapping[str, int] | Sequence[int] = (), devices=None) -> Mesh:
-  """A mesh over (`data`, `fsdp`, `tensor`); a -1 takes the remaining devices. `()` = all on `fsdp`."""
+  """A mesh over (`data`, `fsdp`, `tensor`); a -1 takes the remaining devices. `()` = all on `fsdp`.
+
+  The axes are `AxisType.Auto`: parameters and batches carry NamedShardings (jit in/out shardings,
+  constraints at layer boundaries) and XLA's propagation places the activations in between.
+  Explicit axes (sharding in types) would make every gather and every contraction over an FSDP-
+  sharded dimension name its output sharding inside the model code.
+  """
   devices = devices if devices is not None else jax.devices()
   sizes = dict(zip(MESH_AXES, shape)) if not isinstance(shape, Mapping) else dict(shape)
   sizes = {a: int(sizes.get(a, 1)) for a in MESH_AXES}
@@ -51,7 +57,7 @@ def make_mesh(shape: Mapping[str, int] | Sequence[int] = (), devices=None) -> Me
       sizes[a] = len(devices) // known
   if int(np.prod(list(sizes.values()))) != len(devices):
     raise ValueError(f"mesh {sizes} needs {int(np.prod(list(sizes.values())))} devices; {len(devices)} are present")
-  axis_types = (jax.sharding.AxisType.Explicit,) * len(MESH_AXES)
+  axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
   return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES, axis_types=axis_types, devices=devices)
 
 

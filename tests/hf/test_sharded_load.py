@@ -3,10 +3,6 @@
 Each parameter must be created with the NamedSharding that `state_shardings` derives from its
 logical axes, hold exactly the unsharded values, and give the unsharded logits. Export from a
 sharded model (gathered one layer at a time) must write the same bytes as from an unsharded one.
-
-The forward pass runs on the loaded arrays re-labelled onto an `Auto`-typed mesh of the same
-devices and partition specs (no data moves): under `make_mesh`'s Explicit axes the model's call
-itself fails, see `test_forward_on_explicit_mesh`.
 """
 
 from __future__ import annotations
@@ -25,8 +21,7 @@ pytest.importorskip("transformers")
 import jax  # noqa: E402
 from flax import nnx  # noqa: E402
 from hf_fixtures import build_hf_model, make_batch, save_hf_model, tiny_hf_config, torch_logits  # noqa: E402
-from jax._src.core import ShardingTypeError  # noqa: E402  (not exported publicly in jax 0.10)
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 from eemo_jax.hf.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from eemo_jax.hf.load import load_hf  # noqa: E402
@@ -83,18 +78,6 @@ def assert_same_values(a, b):
     assert np.array_equal(np.asarray(jax.device_get(pa[path])), np.asarray(jax.device_get(pb[path]))), path
 
 
-def on_auto_mesh(model):
-  """The same device buffers under an Auto-typed twin of their mesh (GSPMD propagates shardings)."""
-  graphdef, state = nnx.split(model)
-
-  def relabel(array):
-    mesh = array.sharding.mesh
-    auto = Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
-    return jax.device_put(array, NamedSharding(auto, array.sharding.spec))
-
-  return nnx.merge(graphdef, jax.tree.map(relabel, state))
-
-
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
   """(folder, torch model, unsharded JAX model, its logits)."""
@@ -119,18 +102,10 @@ def test_params_placed_by_state_shardings(sharded, source):
 
 
 def test_sharded_logits_match_unsharded(sharded, source):
-  _, model = sharded
-  np.testing.assert_allclose(forward(on_auto_mesh(model)), source[3], atol=1e-5, rtol=0)
-
-
-@pytest.mark.xfail(raises=ShardingTypeError, strict=True,
-                   reason="Qwen25VL's Linear/Embed give no out_sharding for FSDP-sharded contractions "
-                          "and gathers, which Explicit mesh axes require (ShardingTypeError)")
-def test_forward_on_explicit_mesh(sharded, source):
   mesh, model = sharded
+  np.testing.assert_allclose(forward(model), source[3], atol=1e-5, rtol=0)
   with jax.set_mesh(mesh):
-    logits = forward(model)
-  np.testing.assert_allclose(logits, source[3], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(forward(model), source[3], atol=1e-5, rtol=0)
 
 
 def test_load_under_set_mesh(source):
