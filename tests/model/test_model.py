@@ -1,0 +1,126 @@
+"""Model internals: attention against JAX's reference, exact local window attention, remat,
+the jitted path, and compile size independent of depth."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from eemo_jax.model import config as cfglib
+from eemo_jax.model.attention import attention, causal_mask, local_segment_attention, segment_mask
+from eemo_jax.model.qwen25vl import Qwen25VL, prepare_inputs
+from hf_fixtures import make_batch
+
+
+def test_gqa_attention_matches_jax_reference():
+  rs = np.random.RandomState(0)
+  q = jnp.asarray(rs.randn(2, 7, 8, 16), jnp.float32)
+  k = jnp.asarray(rs.randn(2, 7, 2, 16), jnp.float32)
+  v = jnp.asarray(rs.randn(2, 7, 2, 16), jnp.float32)
+  pad = jnp.asarray([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]])
+  mask = causal_mask(pad, jnp.arange(7), 7)  # (batch, 1, q, kv)
+  expected = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+  ours = attention(q, k, v, mask)
+  valid = np.asarray(pad, bool)  # fully masked (padding) query rows are arbitrary in both
+  np.testing.assert_allclose(np.asarray(ours)[valid], np.asarray(expected)[valid], atol=1e-5)
+
+
+def test_unknown_attention_implementation_explains():
+  x = jnp.zeros((1, 2, 2, 4))
+  with pytest.raises(ValueError, match="cudnn"):
+    attention(x, x, x, jnp.ones((1, 1, 2, 2), bool), implementation="flash")
+
+
+@pytest.mark.parametrize("sizes", [[64, 64, 64], [64, 32, 16, 8, 64, 40], [3, 61, 64, 1, 17], [5]])
+def test_local_segment_attention_equals_dense(sizes):
+  """Windows are contiguous runs of <= chunk positions: the chunked form must be exact."""
+  rs = np.random.RandomState(len(sizes))
+  seq = sum(sizes) + 12  # trailing padding segment of 12
+  seg = np.concatenate([np.full(n, i) for i, n in enumerate(sizes)] + [np.full(12, len(sizes))])
+  q, k, v = (jnp.asarray(rs.randn(seq, 2, 8), jnp.float32) for _ in range(3))
+  dense = attention(q[None], k[None], v[None], segment_mask(jnp.asarray(seg)))[0]
+  local = local_segment_attention(q, k, v, jnp.asarray(seg), chunk=64)
+  np.testing.assert_allclose(np.asarray(local), np.asarray(dense), atol=1e-6)
+
+
+def _loss_and_grads(model, inputs):
+  graphdef, state = nnx.split(model)
+
+  def loss(state):
+    m = nnx.merge(graphdef, state)
+    out = m(inputs.input_ids, inputs.attention_mask, position_ids=inputs.position_ids, vision=inputs.vision)
+    return jnp.mean(jax.nn.log_softmax(out.logits)[..., 3])
+
+  return jax.jit(jax.value_and_grad(loss))(state)
+
+
+def test_remat_policies_give_the_same_loss_and_gradients():
+  config = cfglib.tiny()
+  batch = make_batch([[(1, 10, 12)], [(1, 4, 6)]])
+  inputs = prepare_inputs(config, batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+                          batch["image_grid_thw"])
+  base_loss, base_grads = _loss_and_grads(Qwen25VL(config, rngs=nnx.Rngs(0)), inputs)
+  for policy in ("full", "dots"):
+    loss, grads = _loss_and_grads(Qwen25VL(config, remat=policy, rngs=nnx.Rngs(0)), inputs)
+    assert abs(float(loss - base_loss)) < 1e-6
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(base_grads)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_unknown_remat_policy_explains():
+  model = Qwen25VL(cfglib.tiny(), remat="sometimes", rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="remat"):
+    model(np.zeros((1, 4), np.int32))
+
+
+def test_jitted_forward_with_host_inputs_equals_hf_style_call():
+  config = cfglib.tiny()
+  model = Qwen25VL(config, rngs=nnx.Rngs(1))
+  batch = make_batch([[(1, 16, 16)], [(1, 4, 6)]], pad="left")
+  eager = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["image_grid_thw"]).logits
+  inputs = prepare_inputs(config, batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+                          batch["image_grid_thw"], patch_budget=512)
+
+  @nnx.jit
+  def forward(m, x):
+    return m(x.input_ids, x.attention_mask, position_ids=x.position_ids, vision=x.vision).logits
+
+  valid = batch["attention_mask"].astype(bool)
+  np.testing.assert_allclose(np.asarray(forward(model, inputs))[valid], np.asarray(eager)[valid], atol=1e-5)
+
+
+def test_traced_image_grid_gives_a_clear_error():
+  config = cfglib.tiny()
+  model = Qwen25VL(config, rngs=nnx.Rngs(0))
+  batch = make_batch([[(1, 4, 4)]])
+
+  @nnx.jit
+  def forward(m, ids, mask, pixels, grid):
+    return m(ids, mask, pixels, grid).logits
+
+  with pytest.raises(ValueError, match="prepare_inputs"):
+    forward(model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["image_grid_thw"])
+
+
+def _hlo_size(depth, layers):
+  base = cfglib.tiny()
+  config = base.replace(vision=cfglib.VisionConfig(**{**base.vision.__dict__, "depth": depth}),
+                        text=cfglib.TextConfig(**{**base.text.__dict__, "num_hidden_layers": layers}))
+  model = nnx.eval_shape(lambda: Qwen25VL(config, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(model)
+  batch = make_batch([[(1, 4, 4)]])
+  inputs = prepare_inputs(config, batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+                          batch["image_grid_thw"])
+
+  def forward(state, x):
+    m = nnx.merge(graphdef, state)
+    return m(x.input_ids, x.attention_mask, position_ids=x.position_ids, vision=x.vision).logits
+
+  return len(jax.jit(forward).lower(state, inputs).as_text())
+
+
+def test_program_size_does_not_grow_with_depth():
+  """Layers are scanned: 4x the depth must not give a bigger program (compile time stays flat)."""
+  shallow, deep = _hlo_size(2, 2), _hlo_size(8, 8)
+  assert deep <= shallow * 1.02, (shallow, deep)
