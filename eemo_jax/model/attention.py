@@ -30,14 +30,17 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
   b, lq, h, d = q.shape
   kv_heads = k.shape[2]
   groups = h // kv_heads
-  # Query head j*groups + g reads kv head j, as HF's repeat_kv; no copy of K/V is made.
-  qg = q.reshape(b, lq, kv_heads, groups, d)  # (batch, q_len, kv_heads, groups, head_dim)
-  scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32) * scale
+  # Heads-major before the matmuls: query head j*groups + g reads kv head j (HF's repeat_kv, with
+  # no copy of K/V), and XLA needs no transposes of the (q_len, kv_len) score matrix.
+  qh = q.reshape(b, lq, kv_heads, groups, d).transpose(0, 2, 3, 1, 4)  # (batch, kv_heads, groups, q_len, hd)
+  kh = k.transpose(0, 2, 1, 3)  # (batch, kv_heads, kv_len, head_dim)
+  vh = v.transpose(0, 2, 1, 3)
+  scores = jnp.einsum("bkgqd,bksd->bkgqs", qh, kh, preferred_element_type=jnp.float32) * scale
   # (batch, kv_heads, groups, q_len, kv_len); fully masked rows (padding queries) become uniform, not NaN.
   scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
-  return out.reshape(b, lq, h, d)
+  out = jnp.einsum("bkgqs,bksd->bkgqd", probs, vh)  # (batch, kv_heads, groups, q_len, head_dim)
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, lq, h, d)
 
 
 def causal_mask(attention_mask: jax.Array, q_slots: jax.Array, kv_len: int) -> jax.Array:
