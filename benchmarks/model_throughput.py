@@ -1,0 +1,769 @@
+#!/usr/bin/env python
+"""EEmo-JAX vs transformers+torch: prefill and greedy-decode throughput on CPU, fp32, same weights.
+
+    python benchmarks/model_throughput.py [--configs small,tiny] [--repeats N] [--json out.json]
+
+For each config preset a random transformers Qwen2.5-VL is built (norms and biases randomised too),
+saved to a temp dir and loaded by both frameworks (`load_hf` / `from_pretrained`), so the weights are
+identical. The batch is 4 rows, each with one 224x224 image (made by `Qwen2VLImageProcessorPil` from a
+synthetic picture: grid (1, 16, 16), 256 patches, 64 merged image tokens) and 64 text tokens:
+16 text, <|vision_start|>, 64 <|image_pad|>, <|vision_end|>, 48 text = 130 positions, no padding.
+
+Measured side by side in one process, interleaved round-robin (each round runs every contestant
+once, in rotating order; rounds disturbed by other processes are redone). transformers+torch runs in
+a child process that never starts a JAX runtime (see TorchWorker) and times its own calls:
+
+1. Prefill: one forward over the batch (vision tower + decoder + logits for all positions).
+   JAX: a jitted pure function of (nnx state, ModelInputs) (host prep done once, timed separately).
+   torch: `model(**inputs)` under `torch.inference_mode()`, eager and sdpa attention.
+2. Greedy decode: `generate(..., max_new_tokens=n)` for n = 1 and n = NEW (32) in both frameworks;
+   decode-only time per step = (T(NEW) - T(1)) / (NEW - 1); both T include host prep + prefill.
+3. Machine limits: fp32 2048^2 matmul (jnp.dot and torch.mm, best of N) and memory bandwidth
+   (512 MB sum = read, and 512 MB x+1 = read+write, both frameworks).
+4. JAX compile times: prefill (lower+compile) and generate (first call minus steady state).
+
+Throughput ratios are JAX / reference, where the reference is the faster of torch eager and sdpa.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import multiprocessing
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+TARGETS = {  # JAX/reference throughput ratios the issue asks for
+    "small": {"prefill": 1.0, "decode": 1.1},
+    "tiny": {"prefill": 2.0, "decode": 5.0},
+}
+
+# Sleep before every timed call (--settle). 0 by default: measured, a 20 ms idle gap made torch's next call
+# slower (tiny prefill 12.5 -> 17 ms: its OpenMP threads fall asleep) and did not help JAX.
+SETTLE_S = 0.0
+
+
+# ------------------------------------------------------------------------------------------ timing
+def race(contestants: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
+         min_seconds: float = 0.0) -> dict[str, list[float]]:
+  """Runs every contestant `warmup` times, then `repeats` interleaved rounds; returns seconds per run.
+
+  Each round runs every contestant once (rotating order). A round during which other processes used
+  more than MAX_FOREIGN of the machine's CPU is thrown away and redone (after waiting for the machine
+  to go idle, with --wait-idle), up to 3x `repeats` rounds in all; if clean rounds run out, the
+  least-disturbed ones are kept. FOREIGN_CPU gets (mean foreign share of the kept rounds, rounds dropped).
+  """
+  names = list(contestants)
+  if WAIT_IDLE_S > 0:
+    wait_idle(WAIT_IDLE_S)
+  t0 = time.perf_counter()
+  for _ in range(warmup):
+    for name in names:
+      contestants[name]()
+  if min_seconds > 0 and warmup > 0:  # cheap contestants: more rounds, so that medians settle
+    per_round = (time.perf_counter() - t0) / warmup
+    repeats = max(repeats, int(np.ceil(min_seconds / max(per_round, 1e-6))))
+  rounds = []  # (foreign share, {name: seconds})
+  r = 0
+  while sum(share <= MAX_FOREIGN for share, _ in rounds) < repeats and r < 3 * repeats:
+    order = names[r % len(names):] + names[:r % len(names)]
+    snap = cpu_snapshot()
+    got = {}
+    for name in order:
+      time.sleep(SETTLE_S)
+      t0 = time.perf_counter()
+      out = contestants[name]()
+      got[name] = out.seconds if isinstance(out, Remote) else time.perf_counter() - t0
+    share = foreign_cpu_share(snap)
+    rounds.append((share, got))
+    r += 1
+    if share > MAX_FOREIGN and WAIT_IDLE_S > 0:
+      wait_idle(WAIT_IDLE_S)
+  kept = sorted(rounds, key=lambda x: x[0])[:repeats]
+  FOREIGN_CPU.append((statistics.mean(share for share, _ in kept), len(rounds) - len(kept)))
+  return {name: [got[name] for _, got in kept] for name in names}
+
+
+FOREIGN_CPU: list[tuple[float, int]] = []
+OWN_CHILDREN: list[int] = []  # the torch worker: its CPU time is ours, not foreign
+
+
+@dataclasses.dataclass
+class Remote:
+  """A contestant's own measurement (taken in the torch worker, so IPC is not timed)."""
+  seconds: float
+WAIT_IDLE_S = 0.0  # --wait-idle
+MAX_FOREIGN = 0.10  # --max-foreign
+
+
+def wait_idle(limit_s: float, threshold: float = 0.15, window_s: float = 2.0) -> float:
+  """Waits (at most limit_s) until other processes use < threshold of the CPU over window_s."""
+  t0 = time.perf_counter()
+  while True:
+    snap = cpu_snapshot()
+    time.sleep(window_s)
+    share = foreign_cpu_share(snap)
+    if share < threshold or time.perf_counter() - t0 > limit_s:
+      if share >= threshold:
+        print(f"[wait-idle] gave up after {limit_s:.0f}s; others use {share:.0%} of the CPU", file=sys.stderr)
+      return share
+
+
+def cpu_snapshot() -> tuple[float, float, float]:
+  """(machine busy CPU-seconds, this process's CPU-seconds, wall time)."""
+  try:
+    with open("/proc/stat") as f:
+      fields = [float(x) for x in f.readline().split()[1:]]
+    busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
+  except (OSError, ValueError, IndexError):
+    busy = float("nan")
+  t = os.times()
+  own = t.user + t.system
+  for pid in OWN_CHILDREN:
+    try:
+      with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+      own += (float(fields[11]) + float(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    except (OSError, ValueError, IndexError):
+      pass
+  return busy, own, time.perf_counter()
+
+
+def foreign_cpu_share(start) -> float:
+  """Fraction of all cores' time used by other processes since `start` (0 = the machine was ours)."""
+  busy, own, wall = cpu_snapshot()
+  cores = os.cpu_count() or 1
+  return max(0.0, ((busy - start[0]) - (own - start[1])) / max(wall - start[2], 1e-9) / cores)
+
+
+def med(xs):
+  return statistics.median(xs)
+
+
+# ------------------------------------------------------------------------------------------ machine limits
+def machine_limits(repeats: int, worker: "TorchWorker", n: int = 2048, mbytes: int = 512) -> dict:
+  import jax
+  import jax.numpy as jnp
+
+  rs = np.random.RandomState(0)
+  a, b = rs.randn(n, n).astype(np.float32), rs.randn(n, n).astype(np.float32)
+  ja, jb = jax.device_put(a), jax.device_put(b)
+  jdot = jax.jit(jnp.dot)
+  worker.call("limits_setup", n, mbytes)
+  mm = race({"jax": lambda: jdot(ja, jb).block_until_ready(),
+             "torch": lambda: Remote(worker.call("op", "mm"))}, repeats=max(repeats, 5), warmup=2)
+  flops = 2.0 * n**3
+  matmul = {k: flops / min(v) / 1e9 for k, v in mm.items()}
+  limits_foreign = [FOREIGN_CPU[-1]]
+
+  count = mbytes * 2**20 // 4
+  jx = jax.device_put(np.ones(count, np.float32))
+  jsum = jax.jit(jnp.sum)
+  jadd = jax.jit(lambda v: v + 1.0, donate_argnums=0)  # in place: no fresh 512 MB (page faults) per call
+  jbuf = [jax.device_put(np.ones(count, np.float32))]
+
+  def jax_copy():
+    jbuf[0] = jadd(jbuf[0])
+    jbuf[0].block_until_ready()
+
+  bw = race({"jax_sum": lambda: jsum(jx).block_until_ready(),
+             "torch_sum": lambda: Remote(worker.call("op", "sum")),
+             "jax_copy": jax_copy,
+             "torch_copy": lambda: Remote(worker.call("op", "copy"))}, repeats=max(repeats, 5), warmup=2)
+  limits_foreign.append(FOREIGN_CPU[-1])
+  worker.call("limits_free")
+  nbytes = count * 4
+  bandwidth = {k: (nbytes if k.endswith("sum") else 2 * nbytes) / min(v) / 1e9 for k, v in bw.items()}
+  del jx, jbuf
+  return {"foreign_cpu": limits_foreign,
+          "matmul_gflops": matmul, "peak_gflops": max(matmul.values()), "matmul_n": n,
+          "bandwidth_gbs": bandwidth, "bytes_mb": mbytes,
+          "read_bandwidth_gbs": max(bandwidth["jax_sum"], bandwidth["torch_sum"])}
+
+
+# ------------------------------------------------------------------------------------------ torch worker
+class TorchWorker:
+  """transformers + torch in a child process that never starts a JAX runtime; it times its own calls.
+
+  In one process with an initialised JAX CPU client, torch's OpenMP threads were measurably and
+  erratically slowed (tiny prefill 15.6 -> 21.6 ms, tiny decode 1.66 -> 2.43 ms/step after a single
+  jitted JAX call; a 0.3 ms (4x512)@(512x1536) torch matmul took 13 ms after a 20 ms idle gap, unless
+  OMP_WAIT_POLICY was set), so the reference runs alone, as a torch user would run it.
+  """
+
+  def __init__(self, threads: int):
+    ctx = multiprocessing.get_context("spawn")
+    self.conn, child = ctx.Pipe()
+    self.proc = ctx.Process(target=_torch_worker_main, args=(child, threads), daemon=True)
+    self.proc.start()
+    OWN_CHILDREN.append(self.proc.pid)
+
+  def call(self, *msg):
+    self.conn.send(msg)
+    ok, value = self.conn.recv()
+    if not ok:
+      raise RuntimeError(f"torch worker failed on {msg[0]!r}:\n{value}")
+    return value
+
+  def close(self):
+    try:
+      self.call("quit")
+    finally:
+      self.proc.join(timeout=30)
+      if self.pid in OWN_CHILDREN:
+        OWN_CHILDREN.remove(self.pid)
+
+  @property
+  def pid(self):
+    return self.proc.pid
+
+
+def _torch_worker_main(conn, threads: int) -> None:
+  import traceback
+
+  import torch
+  torch.set_num_threads(threads)
+  state: dict = {}
+  while True:
+    msg = conn.recv()
+    if msg[0] == "quit":
+      conn.send((True, None))
+      return
+    try:
+      conn.send((True, _torch_handle(state, *msg)))
+    except Exception:  # report to the parent, keep serving
+      conn.send((False, traceback.format_exc()))
+
+
+def _torch_handle(state: dict, op: str, *args):
+  import torch
+  if op == "env":
+    return {"torch": torch.__version__, "torch_threads": torch.get_num_threads(), "torch_process": "separate"}
+  if op == "limits_setup":
+    n, mbytes = args
+    rs = np.random.RandomState(0)
+    state["a"], state["b"] = (torch.from_numpy(rs.randn(n, n).astype(np.float32)) for _ in range(2))
+    state["out"] = torch.empty(n, n)
+    count = mbytes * 2**20 // 4
+    state["x"], state["y"] = torch.ones(count), torch.empty(count)
+    return None
+  if op == "limits_free":
+    for k in ("a", "b", "out", "x", "y"):
+      state.pop(k, None)
+    return None
+  if op == "op":
+    fn = {"mm": lambda: torch.mm(state["a"], state["b"], out=state["out"]), "sum": lambda: state["x"].sum(),
+          "copy": lambda: torch.add(state["x"], 1.0, out=state["y"])}[args[0]]
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+  if op == "build":
+    name, folder, seed = args
+    from eemo_jax.model.config import preset
+    state["refs"] = build_hf_models(preset(name), folder, seed)
+    return None
+  if op == "data":
+    state["targs"] = {k: torch.from_numpy(v) for k, v in args[0].items()}
+    state["prompt_len"] = args[0]["input_ids"].shape[1]
+    state["in_loop"] = {}
+    return None
+  if op == "free":
+    state.clear()
+    return None
+  if op == "in_loop":
+    return list(state["in_loop"].get(args[0], []))
+  if op == "component_setup":  # prefill_profile.py: JAX's decoder input/output, to time torch's pieces on
+    embeds, hidden = args
+    state["embeds"], state["hidden"] = torch.from_numpy(embeds), torch.from_numpy(hidden)
+    return None
+  if op == "component":
+    impl, what = args
+    ref, targs = state["refs"][impl], state["targs"]
+    with torch.inference_mode():
+      if "pos" not in state:
+        state["pos"] = ref.model.get_rope_index(
+            targs["input_ids"], mm_token_type_ids=targs["mm_token_type_ids"], image_grid_thw=targs["image_grid_thw"],
+            attention_mask=targs["attention_mask"])[0]
+      fn = {"vision": lambda: ref.model.get_image_features(targs["pixel_values"], targs["image_grid_thw"]),
+            "decoder": lambda: ref.model.language_model(inputs_embeds=state["embeds"], position_ids=state["pos"],
+                                                        attention_mask=targs["attention_mask"],
+                                                        use_cache=False).last_hidden_state,
+            "lm_head": lambda: ref.lm_head(state["hidden"])}[what]
+      t0 = time.perf_counter()
+      out = fn()
+      dt = time.perf_counter() - t0
+    if what == "decoder":  # also report parity of the decoder alone
+      return dt, float((out - state["hidden"]).abs().max())
+    return dt, None
+  ref = state["refs"][args[0]]
+  targs = state["targs"]
+  if op in ("logits", "prefill"):
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+      logits = ref(**targs).logits
+    dt = time.perf_counter() - t0
+    return logits.numpy() if op == "logits" else dt
+  if op == "gen":
+    impl, n, clock = args
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StepClock(StoppingCriteria):
+      """Never stops; timestamps every decoding step (called once per new token, after its forward)."""
+
+      def __init__(self, sink):
+        self.sink, self.last = sink, None
+
+      def __call__(self, input_ids, scores, **kwargs):
+        now = time.perf_counter()
+        if self.last is not None:
+          self.sink.append(now - self.last)
+        self.last = now
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    crit = StoppingCriteriaList([StepClock(state["in_loop"].setdefault(impl, []))] if clock else [])
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+      out = ref.generate(**targs, do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=0,
+                         stopping_criteria=crit)
+    dt = time.perf_counter() - t0
+    return dt, out[:, state["prompt_len"]:].numpy()
+  raise ValueError(f"unknown torch worker op {op!r}")
+
+
+# ------------------------------------------------------------------------------------------ models and data
+def build_hf_models(cfg, folder: str, seed: int) -> dict:
+  """Random HF model (norms and biases randomised too) saved to `folder`; returns {eager, sdpa} loaded back."""
+  import torch
+  import transformers
+  from transformers import Qwen2_5_VLForConditionalGeneration
+
+  hf_config = transformers.Qwen2_5_VLConfig(**cfg.to_hf())
+  torch.manual_seed(seed)
+  model = Qwen2_5_VLForConditionalGeneration(hf_config)
+  with torch.no_grad():  # norms init to 1 and biases to 0: randomise them so they are exercised
+    for name, p in model.named_parameters():
+      if name.endswith("bias") or "norm" in name or "ln_q" in name:
+        p.add_(0.1 * torch.randn_like(p))
+  model.save_pretrained(folder)
+  del model
+  return {impl: Qwen2_5_VLForConditionalGeneration.from_pretrained(
+      folder, attn_implementation=impl, dtype=torch.float32).eval() for impl in ("eager", "sdpa")}
+
+
+def build_models(cfg, folder: str, seed: int):
+  """In-process variant (diagnostic scripts): (torch {eager, sdpa}, JAX model) with the same weights."""
+  from eemo_jax.hf.load import load_hf
+  refs = build_hf_models(cfg, folder, seed)
+  return refs, load_hf(folder)
+
+
+def make_batch(cfg, batch: int, text_tokens: int, seed: int) -> dict[str, np.ndarray]:
+  from PIL import Image
+  from transformers import Qwen2VLImageProcessorPil
+
+  rs = np.random.RandomState(seed)
+  # A synthetic picture: smooth gradients plus noise, one per row.
+  yy, xx = np.mgrid[0:224, 0:224] / 224.0
+  images = []
+  for i in range(batch):
+    rgb = np.stack([xx, yy, (xx + yy + i / batch) % 1.0], -1) * 200 + rs.rand(224, 224, 3) * 55
+    images.append(Image.fromarray(rgb.astype(np.uint8)))
+  proc = Qwen2VLImageProcessorPil(min_pixels=224 * 224, max_pixels=224 * 224, patch_size=cfg.vision.patch_size,
+                                  merge_size=cfg.vision.spatial_merge_size,
+                                  temporal_patch_size=cfg.vision.temporal_patch_size)
+  vis = proc(images=images, return_tensors="np")
+  grid = np.asarray(vis["image_grid_thw"], np.int64)
+  n_image = int(grid[0].prod()) // cfg.vision.merge_unit
+  hi = min(cfg.image_token_id, cfg.vision_start_token_id, cfg.text.vocab_size) - 4
+  before = 16
+  rows = []
+  for _ in range(batch):
+    text = rs.randint(0, hi, size=text_tokens).tolist()
+    rows.append(text[:before] + [cfg.vision_start_token_id] + [cfg.image_token_id] * n_image
+                + [cfg.vision_end_token_id] + text[before:])
+  ids = np.asarray(rows, np.int64)
+  return dict(input_ids=ids, attention_mask=np.ones_like(ids), pixel_values=np.asarray(vis["pixel_values"], np.float32),
+              image_grid_thw=grid, mm_token_type_ids=(ids == cfg.image_token_id).astype(np.int64))
+
+
+# ------------------------------------------------------------------------------------------ analytic costs
+def segment_lengths(segment_ids: np.ndarray, pad_id: int | None = None) -> np.ndarray:
+  ids, counts = np.unique(np.asarray(segment_ids), return_counts=True)
+  return counts[ids != pad_id] if pad_id is not None else counts
+
+
+def prefill_flops(cfg, batch_np, vision_inputs) -> dict[str, float]:
+  """Multiply-add FLOPs (2 per MAC) of one prefill; attention counted per segment as HF runs it."""
+  v, t = cfg.vision, cfg.text
+  s = int(batch_np["pixel_values"].shape[0])  # patches
+  m = s // v.merge_unit
+  d, i = v.hidden_size, v.intermediate_size
+  out = {}
+  out["vision_matmul"] = 2.0 * s * v.patch_dim * d + v.depth * 2.0 * s * (d * 3 * d + d * d + 3 * d * i) \
+      + 2.0 * m * (4 * d) * (4 * d) + 2.0 * m * (4 * d) * v.out_hidden_size
+  win = segment_lengths(vision_inputs.window_segment_ids)
+  full = segment_lengths(vision_inputs.full_segment_ids)
+  n_full = len(v.fullatt_block_indexes)
+  n_win = v.depth - n_full
+  # QK^T and PV: 2 * n^2 * head_dim each, per head -> 4 * n^2 * hidden per segment.
+  out["vision_attn"] = 4.0 * d * (n_win * float(np.sum(win.astype(np.float64) ** 2))
+                                  + n_full * float(np.sum(full.astype(np.float64) ** 2)))
+  out["vision_attn_dense_all"] = 4.0 * d * v.depth * float(s) ** 2  # if every block attends S x S
+  b, l = batch_np["input_ids"].shape
+  tok = b * l
+  dm, kvd = t.hidden_size, t.num_key_value_heads * t.head_dim
+  out["text_matmul"] = t.num_hidden_layers * 2.0 * tok * (2 * dm * dm + 2 * dm * kvd + 3 * dm * t.intermediate_size)
+  out["text_attn"] = t.num_hidden_layers * 4.0 * b * l * l * dm  # full L x L as both frameworks compute it
+  out["lm_head"] = 2.0 * tok * dm * t.vocab_size
+  out["total"] = out["vision_matmul"] + out["vision_attn"] + out["text_matmul"] + out["text_attn"] + out["lm_head"]
+  return out
+
+
+def decode_bytes(cfg, batch: int, bytes_per: int = 4) -> dict[str, float]:
+  """Bytes of weights read once per decode step: every text-decoder weight, final norm, the lm_head
+  (the tied embedding when tied), and one embedding row per sequence."""
+  t = cfg.text
+  dm, kvd = t.hidden_size, t.num_key_value_heads * t.head_dim
+  layer = (dm * dm + dm) + 2 * (dm * kvd + kvd) + dm * dm + 3 * dm * t.intermediate_size + 2 * dm
+  params = t.num_hidden_layers * layer + dm + t.vocab_size * dm + batch * dm
+  return {"weight_params": params, "weight_bytes": params * bytes_per}
+
+
+def kv_cache_bytes(cfg, batch: int, length: int, bytes_per: int = 4) -> float:
+  t = cfg.text
+  return 2.0 * t.num_hidden_layers * batch * length * t.num_key_value_heads * t.head_dim * bytes_per
+
+
+# ------------------------------------------------------------------------------------------ one config
+IMPLS = ("eager", "sdpa")
+
+
+def bench_config(name: str, args, limits: dict, worker: TorchWorker) -> dict:
+  import jax
+  from flax import nnx
+
+  from eemo_jax.hf.load import load_hf
+  from eemo_jax.model.config import preset
+  from eemo_jax.model.qwen25vl import prepare_inputs
+
+  cfg = preset(name)
+  res: dict = {"config": name}
+  with tempfile.TemporaryDirectory(prefix=f"eemo_bench_{name}_") as folder:
+    t0 = time.perf_counter()
+    worker.call("build", name, folder, args.seed)
+    model = load_hf(folder)
+    res["build_s"] = time.perf_counter() - t0
+  cfg = model.config
+  data = make_batch(cfg, args.batch, args.text_tokens, args.seed)
+  worker.call("data", data)
+  b, l = data["input_ids"].shape
+  res["batch"], res["seq_len"], res["patches"] = b, l, int(data["pixel_values"].shape[0])
+
+  # ---------------------------------------------------------------- prefill
+  def prep():
+    return prepare_inputs(cfg, data["input_ids"], data["attention_mask"], data["pixel_values"],
+                          data["image_grid_thw"], mm_token_type_ids=data["mm_token_type_ids"])
+
+  host = prep()
+  prep_times = [0.0] * 5
+  for k in range(5):
+    t0 = time.perf_counter()
+    prep()
+    prep_times[k] = time.perf_counter() - t0
+  res["jax_host_prep_ms"] = 1e3 * med(prep_times)
+  inputs = jax.device_put(host)
+  graphdef, state = nnx.split(model)
+
+  def forward(state, inputs):
+    m = nnx.merge(graphdef, state)
+    return m(inputs.input_ids, inputs.attention_mask, position_ids=inputs.position_ids,
+             vision=inputs.vision).logits
+
+  t0 = time.perf_counter()
+  compiled = jax.jit(forward).lower(state, inputs).compile()
+  res["jax_prefill_compile_s"] = time.perf_counter() - t0
+
+  def jax_prefill():
+    return compiled(state, inputs).block_until_ready()
+
+  jl = np.asarray(jax_prefill())
+  res["max_abs_dlogits"] = {impl: float(np.abs(jl - worker.call("logits", impl)).max()) for impl in IMPLS}
+  res["logits_absmax"] = float(np.abs(jl).max())
+
+  contestants = {"jax": jax_prefill,
+                 **{f"torch_{impl}": (lambda impl=impl: Remote(worker.call("prefill", impl))) for impl in IMPLS}}
+  times = race(contestants, args.repeats, warmup=2)
+  flops = prefill_flops(cfg, data, host.vision)
+  res["prefill_flops"] = flops
+  res["prefill"] = {}
+  for k, ts in times.items():
+    tmed = med(ts)
+    res["prefill"][k] = {"median_ms": 1e3 * tmed, "min_ms": 1e3 * min(ts), "tokens_per_s": b * l / tmed,
+                         "best_tokens_per_s": b * l / min(ts),
+                         "gflops": flops["total"] / tmed / 1e9, "mfu": flops["total"] / tmed / 1e9 / limits["peak_gflops"],
+                         "times_ms": [1e3 * x for x in ts]}
+  res["prefill_foreign_cpu"] = FOREIGN_CPU[-1]
+  _print_progress(name, "prefill", res["prefill"])
+
+  # ---------------------------------------------------------------- decode
+  if not args.skip_decode:
+    res.update(bench_decode(name, cfg, model, data, args, limits, worker))
+  worker.call("free")
+  return res
+
+
+def bench_decode(name, cfg, model, data, args, limits, worker: TorchWorker) -> dict:
+  from eemo_jax.generate import generate
+
+  new = args.new_tokens
+  b, l = data["input_ids"].shape
+  out: dict = {}
+
+  def jax_gen(n):
+    def run():
+      return generate(model, data["input_ids"], data["attention_mask"], data["pixel_values"], data["image_grid_thw"],
+                      mm_token_type_ids=data["mm_token_type_ids"], max_new_tokens=n, temperature=0.0,
+                      eos_token_id=[])  # no EOS: always n tokens, like HF min_new_tokens=n
+    return run
+
+  def hf_gen(impl, n, clock=False):
+    return lambda: Remote(worker.call("gen", impl, n, clock)[0])
+
+  # Compile: first call minus steady state.
+  first = {}
+  for n in (1, new):
+    t0 = time.perf_counter()
+    jax_tokens = jax_gen(n)()
+    first[n] = time.perf_counter() - t0
+  out["greedy_token_agreement"] = {
+      impl: float(np.mean(worker.call("gen", impl, new, False)[1] == jax_tokens)) for impl in IMPLS}
+
+  contestants = {}
+  for n in (1, new):
+    contestants[f"jax/{n}"] = jax_gen(n)
+    for impl in IMPLS:
+      contestants[f"torch_{impl}/{n}"] = hf_gen(impl, n, clock=n == new)
+  times = race(contestants, args.decode_repeats, warmup=1, min_seconds=args.min_decode_seconds)
+  out["decode_foreign_cpu"] = FOREIGN_CPU[-1]
+  out["decode_rounds"] = len(times["jax/1"])
+  out["jax_generate_compile_s"] = {str(n): first[n] - med(times[f"jax/{n}"]) for n in (1, new)}
+  wb = decode_bytes(cfg, b)
+  out["decode_weight_bytes"] = wb["weight_bytes"]
+  out["decode_kv_bytes_max"] = kv_cache_bytes(cfg, b, l + new)
+  dec = {}
+  for who in ["jax"] + [f"torch_{impl}" for impl in IMPLS]:
+    t1, tn = med(times[f"{who}/1"]), med(times[f"{who}/{new}"])
+    # Paired per round (gen 1 and gen NEW ran in the same round): median of the differences.
+    diffs = [(b_ - a_) / (new - 1) for a_, b_ in zip(times[f"{who}/1"], times[f"{who}/{new}"])]
+    step = med(diffs)
+    q1, q3 = np.percentile(diffs, [25, 75])
+    best_step = (min(times[f"{who}/{new}"]) - min(times[f"{who}/1"])) / (new - 1)
+    best_step = best_step if best_step > 0 else float("nan")  # noise larger than the decode time
+    dec[who] = {"gen1_ms": 1e3 * t1, f"gen{new}_ms": 1e3 * tn, "step_ms": 1e3 * step,
+                "step_ms_diff_of_medians": 1e3 * (tn - t1) / (new - 1),
+                "step_ms_iqr": [1e3 * q1, 1e3 * q3],
+                "decode_tokens_per_s": b / step, "best_decode_tokens_per_s": b / best_step,
+                "end_to_end_tokens_per_s": b * new / tn,
+                "weight_bw_gbs": wb["weight_bytes"] / step / 1e9,
+                "bw_fraction": wb["weight_bytes"] / step / 1e9 / limits["read_bandwidth_gbs"],
+                "times_ms": {str(n): [1e3 * x for x in times[f"{who}/{n}"]] for n in (1, new)}}
+  for impl in IMPLS:  # cross-check: HF's own per-step intervals (forward + logits processing + bookkeeping)
+    steps = worker.call("in_loop", impl)
+    dec[f"torch_{impl}"]["in_loop_step_ms"] = 1e3 * med(steps) if steps else float("nan")
+  out["decode"] = dec
+  _print_progress(name, "decode", {k: {"decode_tokens_per_s": v["decode_tokens_per_s"]} for k, v in dec.items()})
+  return out
+
+
+def cfg_name(cfg) -> str:
+  return f"text{cfg.text.hidden_size}x{cfg.text.num_hidden_layers}"
+
+
+def _print_progress(name, what, d):
+  parts = ", ".join(f"{k}: " + ", ".join(f"{kk}={vv:.4g}" for kk, vv in v.items() if isinstance(vv, float))
+                    for k, v in d.items())
+  print(f"[{name}] {what}: {parts}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------ report
+def best_ref(d: dict, key: str) -> tuple[str, float]:
+  refs = {k: v[key] for k, v in d.items() if k.startswith("torch_")}
+  name = max(refs, key=refs.get)
+  return name, refs[name]
+
+
+def print_table(limits: dict, results: list[dict], new: int) -> None:
+  print()
+  print("Machine limits (same run): fp32 %dx%d matmul GFLOP/s: jax %.1f, torch %.1f -> peak %.1f" % (
+      limits["matmul_n"], limits["matmul_n"], limits["matmul_gflops"]["jax"], limits["matmul_gflops"]["torch"],
+      limits["peak_gflops"]))
+  bw = limits["bandwidth_gbs"]
+  print("  %d MB bandwidth GB/s: sum jax %.1f, torch %.1f; x+1 (read+write) jax %.1f, torch %.1f -> read BW %.1f" % (
+      limits["bytes_mb"], bw["jax_sum"], bw["torch_sum"], bw["jax_copy"], bw["torch_copy"], limits["read_bandwidth_gbs"]))
+  rows = []
+  hdr = ("config", "metric", "JAX", "torch eager", "torch sdpa", "ref", "JAX/ref", "best-of", "target", "ok")
+  for r in results:
+    name = r["config"]
+    p = r["prefill"]
+    ref_name, ref_tps = best_ref(p, "tokens_per_s")
+    ratio = p["jax"]["tokens_per_s"] / ref_tps
+    tgt = TARGETS.get(name, {}).get("prefill")
+    rows.append((name, f"prefill tok/s (B={r['batch']}xL={r['seq_len']})", f"{p['jax']['tokens_per_s']:.0f}",
+                 f"{p['torch_eager']['tokens_per_s']:.0f}", f"{p['torch_sdpa']['tokens_per_s']:.0f}",
+                 ref_name[6:], f"{ratio:.2f}x", f"{_best_ratio(p, 'best_tokens_per_s'):.2f}x",
+                 f">={tgt}x" if tgt else "", _ok(ratio, tgt)))
+    rows.append((name, "prefill ms (median)", f"{p['jax']['median_ms']:.1f}", f"{p['torch_eager']['median_ms']:.1f}",
+                 f"{p['torch_sdpa']['median_ms']:.1f}", "", "", "", ""))
+    rows.append((name, "prefill MFU (analytic FLOPs)", f"{p['jax']['mfu']:.1%}", f"{p['torch_eager']['mfu']:.1%}",
+                 f"{p['torch_sdpa']['mfu']:.1%}", "", "", "", ""))
+    rows.append((name, "JAX host prep ms (not in prefill)", f"{r['jax_host_prep_ms']:.2f}", "", "", "", "", "", ""))
+    rows.append((name, "JAX prefill compile s", f"{r['jax_prefill_compile_s']:.2f}", "", "", "", "", "", ""))
+    rows.append((name, "max|dlogits| vs JAX", "", f"{r['max_abs_dlogits']['eager']:.1e}",
+                 f"{r['max_abs_dlogits']['sdpa']:.1e}", "", "", "", ""))
+    if "decode" in r:
+      d = r["decode"]
+      ref_name, ref_tps = best_ref(d, "decode_tokens_per_s")
+      ratio = d["jax"]["decode_tokens_per_s"] / ref_tps
+      tgt = TARGETS.get(name, {}).get("decode")
+      rows.append((name, f"decode-only tok/s ({new} new, B={r['batch']})", f"{d['jax']['decode_tokens_per_s']:.0f}",
+                   f"{d['torch_eager']['decode_tokens_per_s']:.0f}", f"{d['torch_sdpa']['decode_tokens_per_s']:.0f}",
+                   ref_name[6:], f"{ratio:.2f}x", f"{_best_ratio(d, 'best_decode_tokens_per_s'):.2f}x",
+                   f">={tgt}x" if tgt else "", _ok(ratio, tgt)))
+      rows.append((name, f"decode ms/step ({r['decode_rounds']} rounds)", f"{d['jax']['step_ms']:.2f}",
+                   f"{d['torch_eager']['step_ms']:.2f}", f"{d['torch_sdpa']['step_ms']:.2f}", "", "", "", ""))
+      iqr = lambda k: "{:.2f}-{:.2f}".format(*d[k]["step_ms_iqr"])
+      rows.append((name, "  interquartile range ms/step", iqr("jax"), iqr("torch_eager"), iqr("torch_sdpa"),
+                   "", "", "", ""))
+      rows.append((name, "  torch in-loop median ms/step", "", f"{d['torch_eager']['in_loop_step_ms']:.2f}",
+                   f"{d['torch_sdpa']['in_loop_step_ms']:.2f}", "", "", "", ""))
+      rows.append((name, "decode weight-BW fraction", f"{d['jax']['bw_fraction']:.1%}",
+                   f"{d['torch_eager']['bw_fraction']:.1%}", f"{d['torch_sdpa']['bw_fraction']:.1%}", "", "", "", ""))
+      ref_name, ref_tps = best_ref(d, "end_to_end_tokens_per_s")
+      rows.append((name, f"generate {new} tok/s end-to-end", f"{d['jax']['end_to_end_tokens_per_s']:.0f}",
+                   f"{d['torch_eager']['end_to_end_tokens_per_s']:.0f}", f"{d['torch_sdpa']['end_to_end_tokens_per_s']:.0f}",
+                   ref_name[6:], f"{d['jax']['end_to_end_tokens_per_s'] / ref_tps:.2f}x", "", "", ""))
+      rows.append((name, "generate(1) ms (prep+prefill)", f"{d['jax']['gen1_ms']:.1f}", f"{d['torch_eager']['gen1_ms']:.1f}",
+                   f"{d['torch_sdpa']['gen1_ms']:.1f}", "", "", "", ""))
+      c = r["jax_generate_compile_s"]
+      rows.append((name, f"JAX generate compile s (n=1 / n={new})", f"{c['1']:.2f} / {c[str(new)]:.2f}", "", "", "", "", "", ""))
+      a = r["greedy_token_agreement"]
+      rows.append((name, "greedy ids equal to JAX", "", f"{a['eager']:.0%}", f"{a['sdpa']:.0%}", "", "", "", ""))
+  rows = [r if len(r) == len(hdr) else r[:7] + ("",) + r[7:] for r in rows]
+  widths = [max(len(str(x[i])) for x in rows + [hdr]) for i in range(len(hdr))]
+  line = lambda x: "  ".join(str(c).rjust(w) if i >= 2 else str(c).ljust(w) for i, (c, w) in enumerate(zip(x, widths)))
+  print()
+  print(line(hdr))
+  print("  ".join("-" * w for w in widths))
+  for row in rows:
+    print(line(row))
+  print()
+  for r in results:
+    f = r["prefill_flops"]
+    print(f"[{r['config']}] prefill GFLOP: total {f['total'] / 1e9:.2f} = vision matmul {f['vision_matmul'] / 1e9:.2f} + "
+          f"vision attn {f['vision_attn'] / 1e9:.3f} (per window/image; dense SxS in every block would be "
+          f"{f['vision_attn_dense_all'] / 1e9:.2f}) + text matmul {f['text_matmul'] / 1e9:.2f} + text attn "
+          f"{f['text_attn'] / 1e9:.3f} + lm_head {f['lm_head'] / 1e9:.2f}")
+    if "decode" in r:
+      print(f"[{r['config']}] decode bytes/step: weights {r['decode_weight_bytes'] / 1e6:.1f} MB (text decoder + final "
+            f"norm + lm_head + {r['batch']} embedding rows); KV cache (not counted) up to "
+            f"{r['decode_kv_bytes_max'] / 1e6:.1f} MB")
+  print("Ratios are JAX/ref throughput of the medians; ref = the faster of torch eager and sdpa for that row; "
+        "best-of = the same ratio from each contestant's fastest run(s).\nDecode-only time per "
+        f"step = median over rounds of (T(generate {new}) - T(generate 1)) / {new - 1}, both timed in the same round; "
+        "both include host prep and prefill (identical in the two calls).")
+  fmt = lambda x: f"{x[0]:.0%} ({x[1]} rounds redone)"
+  loads = [f"limits {fmt(limits['foreign_cpu'][0])} / {fmt(limits['foreign_cpu'][1])}"]
+  for r in results:
+    loads.append(f"{r['config']} prefill {fmt(r['prefill_foreign_cpu'])}")
+    if "decode_foreign_cpu" in r:
+      loads.append(f"{r['config']} decode {fmt(r['decode_foreign_cpu'])}")
+  print("CPU used by other processes in the kept timed rounds (0% = machine was ours): " + ", ".join(loads))
+
+
+def _best_ratio(d: dict, key: str) -> float:
+  return d["jax"][key] / max(v[key] for k, v in d.items() if k.startswith("torch_"))
+
+
+def _ok(ratio, target):
+  if target is None:
+    return ""
+  return "yes" if ratio >= target else "NO"
+
+
+def _provenance() -> dict:
+  """Read-only: the commit and a digest of the model/generate sources measured (they change often)."""
+  import glob
+  import hashlib
+  import subprocess
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  h = hashlib.sha256()
+  for path in sorted(glob.glob(os.path.join(root, "eemo_jax", "model", "*.py"))
+                     + glob.glob(os.path.join(root, "eemo_jax", "generate", "*.py"))):
+    with open(path, "rb") as f:
+      h.update(os.path.relpath(path, root).encode() + b"\0" + f.read())
+  try:
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+  except OSError:
+    head = ""
+  return {"git_head": head, "model_sources_sha256": h.hexdigest()[:16]}
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--configs", default="small,tiny")
+  p.add_argument("--repeats", type=int, default=10, help="timed rounds for prefill and machine limits")
+  p.add_argument("--decode-repeats", type=int, default=None, help="timed rounds for generate (default: repeats)")
+  p.add_argument("--min-decode-seconds", type=float, default=30.0,
+                  help="decode rounds continue at least this long (tiny's 0.2 ms steps need many rounds)")
+  p.add_argument("--batch", type=int, default=4)
+  p.add_argument("--text-tokens", type=int, default=64)
+  p.add_argument("--new-tokens", type=int, default=32)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+  p.add_argument("--skip-decode", action="store_true")
+  p.add_argument("--wait-idle", type=float, default=0.0,
+                  help="before each timed phase wait up to this many seconds for other processes to go idle")
+  p.add_argument("--max-foreign", type=float, default=0.10,
+                  help="redo timed rounds in which other processes used more than this share of the CPU")
+  p.add_argument("--settle", type=float, default=0.0, help="seconds of sleep before every timed call")
+  p.add_argument("--json", default=None)
+  args = p.parse_args(argv)
+  global WAIT_IDLE_S, MAX_FOREIGN, SETTLE_S
+  WAIT_IDLE_S, MAX_FOREIGN, SETTLE_S = args.wait_idle, args.max_foreign, args.settle
+  if args.decode_repeats is None:
+    args.decode_repeats = args.repeats
+
+  import flax
+  import jax
+  import transformers
+
+  worker = TorchWorker(args.threads)
+  try:
+    torch_env = worker.call("env")
+    limits = machine_limits(args.repeats, worker)
+    print(f"[limits] {json.dumps(limits, default=float)}", file=sys.stderr, flush=True)
+    results = [bench_config(name.strip(), args, limits, worker) for name in args.configs.split(",") if name.strip()]
+  finally:
+    worker.close()
+  print_table(limits, results, args.new_tokens)
+  if args.json:
+    env = {"python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__,
+           "transformers": transformers.__version__, "cpu_count": os.cpu_count(), **torch_env,
+           "jax_devices": [str(d) for d in jax.devices()],
+           "machine": platform.machine(), "processor": platform.processor(), **_provenance()}
+    with open(args.json, "w") as f:
+      json.dump({"env": env, "args": vars(args), "limits": limits, "results": results}, f, indent=1, default=float)
+    print(f"wrote {args.json}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
