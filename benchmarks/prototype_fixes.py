@@ -94,7 +94,7 @@ def patched(fixes: set, n_images: int):
   from flax import nnx
 
   from eemo_jax.model import attention as attention_mod
-  from eemo_jax.model import layers, text, vision
+  from eemo_jax.model import text, vision
 
   saved = [(attention_mod, "attention", attention_mod.attention), (text, "attention", text.attention),
            (vision, "attention", vision.attention), (text, "scan_layers", text.scan_layers),
