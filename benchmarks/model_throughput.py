@@ -409,8 +409,8 @@ def prefill_flops(cfg, batch_np, vision_inputs) -> dict[str, float]:
   out = {}
   out["vision_matmul"] = 2.0 * s * v.patch_dim * d + v.depth * 2.0 * s * (d * 3 * d + d * d + 3 * d * i) \
       + 2.0 * m * (4 * d) * (4 * d) + 2.0 * m * (4 * d) * v.out_hidden_size
-  win = segment_lengths(vision_inputs.window_segment_ids)
-  full = segment_lengths(vision_inputs.full_segment_ids)
+  win = segment_lengths(vision_inputs.window_segment_ids, pad_id=-1)  # valid patches per window
+  full = segment_lengths(vision_inputs.full_segment_ids, pad_id=-1)  # valid patches per frame
   n_full = len(v.fullatt_block_indexes)
   n_win = v.depth - n_full
   # QK^T and PV: 2 * n^2 * head_dim each, per head -> 4 * n^2 * hidden per segment.

@@ -11,16 +11,8 @@ Components, each jitted separately in JAX and called separately in torch, interl
   lm_head  (B, L, D) -> (B, L, V) logits
   full     the whole prefill, as in model_throughput.py
 
-(torch in model_throughput's separate torch process), and JAX vision-tower variants written here with the model's own weights (the model code is untouched):
-
-  v:model       the model's VisionTower as it is
-  v:unrolled    the same math, blocks as a Python loop (no scan / lax.cond), same attention functions
-  v:per-image   unrolled; full-attention blocks attend per image ((images, 256) reshape) instead of one
-                masked S x S over all images; windows as the model does them
-  v:exact       unrolled; windows as (windows, 64) reshape and full blocks per image: what HF computes
-
-The reshape variants are exact only when every image has the same patch count and windows are
-full (true for this batch); they bound what a segment-bucketed layout could gain.
+(torch in model_throughput's separate torch process). `v:model` is the model's VisionTower; the
+vision-attention variants prototyped here earlier have landed in the model (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -36,60 +28,15 @@ import model_throughput as mt  # noqa: E402
 
 
 def vision_variants(model, vision, cfg):
-  """Returns {name: f(state, vision) -> features} for the JAX vision-tower variants."""
-  import jax
-  import jax.numpy as jnp
+  """Returns {name: f(state, vision) -> features}: the model's tower (earlier prototypes have landed)."""
   from flax import nnx
 
-  from eemo_jax.model.attention import attention, local_segment_attention, segment_mask
-  from eemo_jax.model.rope import vision_cos_sin
-  from eemo_jax.model.vision import _rotate_fp32
-
-  vcfg = cfg.vision
-  unit = vcfg.merge_unit
-  n_img = int(np.unique(np.asarray(vision.full_segment_ids)).size)
   graphdef, state = nnx.split(model.visual)
-
-  def tower(full_mode: str, window_mode: str):
-    def run(state, inputs):
-      vt = nnx.merge(graphdef, state)
-      x = vt.patch_embed(inputs.pixel_values)
-      s, d = x.shape
-      x = x.reshape(s // unit, unit, d)[inputs.window_index].reshape(s, d)
-      cos, sin = vision_cos_sin(inputs.rope_positions, vcfg.head_dim, vcfg.rope_theta)
-      full_mask = segment_mask(inputs.full_segment_ids)
-      chunk = vcfg.merged_window**2 * unit
-      _, layer_states = nnx.split(vt.blocks)
-      block_def = nnx.graphdef(vt.blocks)
-      for i in range(vcfg.depth):
-        blk = nnx.merge(block_def, jax.tree.map(lambda a: a[i], layer_states))
-        h = blk.norm1(x)
-        at = blk.attn
-        qkv = at.qkv(h).reshape(s, 3, at.num_heads, d // at.num_heads)
-        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
-        q, k = _rotate_fp32(q, cos, sin), _rotate_fp32(k, cos, sin)
-        if i in vcfg.fullatt_block_indexes:
-          if full_mode == "masked":
-            o = attention(q[None], k[None], v[None], full_mask)[0]
-          else:  # per image: (images, S/images) batch, no mask
-            r = lambda t: t.reshape(n_img, s // n_img, *t.shape[1:])
-            o = attention(r(q), r(k), r(v), jnp.ones((1, 1, 1, 1), bool)).reshape(s, *q.shape[1:])
-        else:
-          if window_mode == "local":
-            o = local_segment_attention(q, k, v, inputs.window_segment_ids, chunk)
-          else:
-            r = lambda t: t.reshape(s // chunk, chunk, *t.shape[1:])
-            o = attention(r(q), r(k), r(v), jnp.ones((1, 1, 1, 1), bool)).reshape(s, *q.shape[1:])
-        x = x + at.proj(o.reshape(s, d))
-        x = x + blk.mlp(blk.norm2(x))
-      return vt.merger(x)[inputs.reverse_index]
-    return run
 
   def as_model(state, inputs):
     return nnx.merge(graphdef, state)(inputs)
 
-  return state, {"v:model": as_model, "v:unrolled": tower("masked", "local"),
-                 "v:per-image": tower("per_image", "local"), "v:exact": tower("per_image", "reshape")}
+  return state, {"v:model": as_model}
 
 
 def profile_config(name: str, args, worker):

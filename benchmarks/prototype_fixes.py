@@ -7,14 +7,6 @@ and torch, with the same weights and batch as `model_throughput.py`.
 
 Fixes (combinable; each variant is compiled once with its patches active, then all run interleaved):
 
-  hm      heads-major attention: q/k/v transposed to (batch, kv_heads, groups, len, head_dim) *before*
-          the score einsum, so QK^T comes out as (..., q, s) and softmax/PV need no S x S transpose.
-          The model's `bqkgd,bskd->bkgqs` einsum makes XLA emit the scores as (..., s, q) and
-          transpose the S x S tensor twice per attention call (see `--show-hlo`).
-  img     vision full-attention blocks attend per image: (images, patches/image) batched attention,
-          instead of one masked S x S over all images of the batch.
-  win     vision window blocks as (windows, 64) batched attention, instead of the model's chunked
-          local attention (each 64-query chunk against 3 x 64 keys + a segment mask).
   unroll  decoder/vision layer scans fully unrolled (lax.scan(unroll=True)): layer i's weights become
           static slices (XLA still copies them: measured, no gain).
   unstack the decoder's stacked (layers, ...) weights split once, outside jit, into one buffer per
@@ -23,10 +15,9 @@ Fixes (combinable; each variant is compiled once with its patches active, then a
   kvcarry (with unstack) the KV cache updated in place per layer (cache.k.at[i].set) instead of being
           re-stacked as the scan's output every step (fresh zero buffer + copies of the whole cache).
 
-The torch reference (sdpa) runs in model_throughput's separate torch process.
-`img` and `win` reshape by the batch's static layout (all images 16x16 patches, all windows full):
-they bound what a segment-aligned (bucketed) vision layout would gain; they are exact here, and the
-script checks the logits against the unpatched model.
+The torch reference (sdpa) runs in model_throughput's separate torch process. The prefill fixes
+prototyped here earlier (heads-major attention; per-image full attention and (windows, 64) window
+attention in the vision tower) have landed in the model: see benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -45,33 +36,11 @@ import model_throughput as mt  # noqa: E402
 
 VARIANTS = {  # name -> set of fixes
     "model": set(),
-    "hm": {"hm"},
-    "img": {"img"},
-    "img+win": {"img", "win"},
-    "img+win+hm": {"img", "win", "hm"},
     "unroll": {"unroll"},
     "unstack": {"unstack"},
     "kvcarry": {"unstack", "kvcarry"},
-    "all": {"img", "win", "hm", "unstack", "kvcarry"},
 }
-DECODE_VARIANTS = ("model", "unroll", "unstack", "kvcarry", "all")
-
-
-def heads_major_attention(q, k, v, mask, *, implementation="xla"):
-  """Same contract as eemo_jax.model.attention.attention (xla path), heads-major layout."""
-  import jax
-  import jax.numpy as jnp
-  del implementation
-  b, lq, h, d = q.shape
-  kvh = k.shape[2]
-  g = h // kvh
-  qh = q.reshape(b, lq, kvh, g, d).transpose(0, 2, 3, 1, 4)  # (b, kv, g, q, d)
-  kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (b, kv, s, d)
-  s = jnp.einsum("bkgqd,bksd->bkgqs", qh, kh, preferred_element_type=jnp.float32) * d ** -0.5
-  s = jnp.where(mask[:, :, None], s, jnp.finfo(jnp.float32).min)
-  p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-  o = jnp.einsum("bkgqs,bksd->bkgqd", p, vh)  # (b, kv, g, q, d)
-  return o.transpose(0, 3, 1, 2, 4).reshape(b, lq, h, d)
+DECODE_VARIANTS = ("model", "unroll", "unstack", "kvcarry")
 
 
 def unstack_decoder(model):
@@ -87,23 +56,16 @@ def unstack_decoder(model):
 
 
 @contextlib.contextmanager
-def patched(fixes: set, n_images: int):
+def patched(fixes: set):
   """Applies the fixes to the eemo_jax modules for the duration (tracing happens inside)."""
   import jax
   import jax.numpy as jnp
   from flax import nnx
 
-  from eemo_jax.model import attention as attention_mod
   from eemo_jax.model import text, vision
 
-  saved = [(attention_mod, "attention", attention_mod.attention), (text, "attention", text.attention),
-           (vision, "attention", vision.attention), (text, "scan_layers", text.scan_layers),
-           (vision, "scan_layers", vision.scan_layers),
-           (vision.VisionAttention, "__call__", vision.VisionAttention.__call__)]
-  att = heads_major_attention if "hm" in fixes else attention_mod.attention
+  saved = [(text, "scan_layers", text.scan_layers), (vision, "scan_layers", vision.scan_layers)]
   try:
-    if "hm" in fixes:
-      attention_mod.attention = text.attention = vision.attention = heads_major_attention
     if "unroll" in fixes:
       def scan_unrolled(layers_, body, carry, xs=None, *, remat="none"):
         assert remat == "none"
@@ -136,21 +98,6 @@ def patched(fixes: set, n_images: int):
         new = KVCache(k=k_all, v=v_all) if "kvcarry" in fixes else KVCache(k=jnp.stack(ks), v=jnp.stack(vs))
         return self.norm(x), None, new
       text.TextModel.__call__ = text_call
-    if "img" in fixes or "win" in fixes:
-      original = saved[-1][2]
-
-      def call(self, x, cos, sin, segments, implementation):
-        if not ((segments[0] == "full" and "img" in fixes) or (segments[0] == "window" and "win" in fixes)):
-          return original(self, x, cos, sin, segments, implementation)
-        s, d = x.shape
-        qkv = self.qkv(x).reshape(s, 3, self.num_heads, d // self.num_heads)
-        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
-        q, k = vision._rotate_fp32(q, cos, sin), vision._rotate_fp32(k, cos, sin)
-        n = n_images if segments[0] == "full" else s // segments[2]
-        r = lambda t: t.reshape(n, s // n, *t.shape[1:])
-        out = att(r(q), r(k), r(v), jnp.ones((1, 1, 1, 1), bool)).reshape(s, *q.shape[1:])
-        return self.proj(out.reshape(s, d))
-      vision.VisionAttention.__call__ = call
     yield
   finally:
     for obj, name, value in saved:
@@ -174,8 +121,6 @@ def run_config(name: str, args, worker) -> None:
   cfg = model.config
   data = mt.make_batch(cfg, args.batch, args.text_tokens, args.seed)
   worker.call("data", data)
-  n_images = int(data["image_grid_thw"].shape[0])
-  assert len({tuple(g) for g in data["image_grid_thw"].tolist()}) == 1, "img/win prototypes need equal images"
   host = prepare_inputs(cfg, data["input_ids"], data["attention_mask"], data["pixel_values"], data["image_grid_thw"],
                         mm_token_type_ids=data["mm_token_type_ids"])
   inputs = jax.device_put(host)
@@ -199,7 +144,7 @@ def run_config(name: str, args, worker) -> None:
       m = nnx.merge(gd, st_)
       return m(inputs_.input_ids, inputs_.attention_mask, position_ids=inputs_.position_ids,
                vision=inputs_.vision).logits
-    with patched(fixes, n_images):
+    with patched(fixes):
       prefill[vname] = jax.jit(fwd).lower(st, inputs).compile()
       for n in (1, new):
         if vname in DECODE_VARIANTS:

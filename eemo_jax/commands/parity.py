@@ -111,18 +111,19 @@ def compare(hf_dir: str, *, image=None, prompt="What emotion does this image evo
 
   vision = prepare_vision(pixels, grid, model.config.vision)
   merged, blocks = model.visual(vision, model.dtype, return_blocks=True)
-  # HF's merger input is in window order; undo that with our (HF-identical) window permutation.
-  unit = model.config.vision.merge_unit
-  blocks_ref = captured["blocks"].numpy()
-  blocks_ref = blocks_ref.reshape(-1, unit, blocks_ref.shape[-1])[np.asarray(vision.reverse_index)].reshape(
-      blocks_ref.shape)
+  # HF's merger input is in window order, which is our slot order with the padding slots left out.
+  window_order = captured["blocks"].numpy()  # (S, hidden)
+  in_slot_order = np.argsort(np.asarray(vision.raster_slot)[: len(window_order)])  # raster patch ids, slot order
+  blocks_ref = np.empty_like(window_order)
+  blocks_ref[in_slot_order] = window_order
   out = model(ids, mask, pixels, grid, output_hidden_states=True)
 
   def row(name, ours, theirs):
     ours = np.asarray(ours, np.float32)
     return Row(name, float(np.abs(ours - theirs).max()), float(np.abs(theirs).max()))
 
-  rows = [row("vision blocks", blocks, blocks_ref), row("patch merger", merged[: len(merged_ref)], merged_ref)]
+  rows = [row("vision blocks", blocks[: len(blocks_ref)], blocks_ref),
+          row("patch merger", merged[: len(merged_ref)], merged_ref)]
   n_layers = out.hidden_states.shape[0]
   for i in range(n_layers - 1):
     rows.append(row(f"decoder layer {i}", out.hidden_states[i][0], out_ref.hidden_states[i + 1][0].numpy()))

@@ -173,8 +173,8 @@ def _generate_compiled(graphdef, state, inputs: ModelInputs, next_pos, rng, temp
 def generate(model: Qwen25VL, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, *,
              max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
-             rng: jax.Array | None = None, patch_budget: int | None = None, mm_token_type_ids=None,
-             return_steps: bool = False) -> np.ndarray | tuple[np.ndarray, int]:
+             rng: jax.Array | None = None, patch_budget: int | None = None, frame_budget: int | None = None,
+             mm_token_type_ids=None, return_steps: bool = False) -> np.ndarray | tuple[np.ndarray, int]:
   """Generates up to `max_new_tokens` tokens per row; greedy (= HF `do_sample=False`) when temperature is 0.
 
   Args take the HF processor's names and layout. The batch must be **left-padded** (each row's
@@ -183,7 +183,8 @@ def generate(model: Qwen25VL, input_ids, attention_mask=None, pixel_values=None,
     (kept in the output); later entries are `pad_token_id`.
   pad_token_id: default `model.config.pad_token_id`, else the first EOS id, else 0.
   rng: a JAX key for sampling; default `jax.random.key(0)` (so unseeded calls repeat).
-  patch_budget: pads the image patches to this many (one compile for many image sizes).
+  patch_budget, frame_budget: the vision tower's static slot counts (`positions.vision_layout`); fix
+    both for one compile across many image sizes.
   mm_token_type_ids: optional, as the processor returns it; derived from the image-pad ids otherwise.
   return_steps: also return how many tokens were decoded before every row was done (for benchmarks).
 
@@ -194,7 +195,7 @@ def generate(model: Qwen25VL, input_ids, attention_mask=None, pixel_values=None,
                        top_p=float(top_p))
   inputs = prepare_inputs(model.config, input_ids, attention_mask, pixel_values, image_grid_thw,
                           mm_token_type_ids=mm_token_type_ids, patch_budget=patch_budget,
-                          dtype=np.dtype(model.dtype))
+                          frame_budget=frame_budget, dtype=np.dtype(model.dtype))
   _check_left_padded(inputs.attention_mask)
   eos = _eos_ids(model.config.eos_token_id if eos_token_id is None else eos_token_id)
   pad = _pad_id(pad_token_id, model.config.pad_token_id, eos)

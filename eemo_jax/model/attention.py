@@ -55,36 +55,6 @@ def causal_mask(attention_mask: jax.Array, q_slots: jax.Array, kv_len: int) -> j
   return (visible & attention_mask[:, None, :].astype(bool))[:, None]
 
 
-def local_segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, chunk: int, *,
-                            implementation: Implementation = "xla") -> jax.Array:
-  """Attention within segments that are contiguous and at most `chunk` long (the vision windows).
-
-  The sequence is cut into chunks; each query chunk attends to its own and the two neighbouring
-  chunks, masked by segment id. A segment of <= chunk positions spans at most two adjacent chunks,
-  so this is exact, at seq * 3 * chunk scores instead of seq².
-  q, k, v: (seq, heads, head_dim); segment_ids: (seq,). Returns (seq, heads, head_dim).
-  """
-  seq = q.shape[0]
-  pad = -seq % chunk
-  n = (seq + pad) // chunk
-
-  def chunks(x, fill):
-    x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), constant_values=fill)
-    return x.reshape((n, chunk) + x.shape[1:])  # (chunks, chunk, ...)
-
-  def with_neighbours(x, fill):
-    edge = jnp.full_like(x[:1], fill)
-    return jnp.concatenate([jnp.concatenate([edge, x[:-1]]), x, jnp.concatenate([x[1:], edge])], axis=1)
-
-  seg = segment_ids.astype(jnp.int32)
-  q_seg = chunks(seg, -1)  # (chunks, chunk); padding queries see only each other
-  k_seg = with_neighbours(q_seg, -2)  # (chunks, 3 * chunk); -2 never matches a query
-  mask = (q_seg[:, :, None] == k_seg[:, None, :])[:, None]  # (chunks, 1, chunk, 3 * chunk)
-  out = attention(chunks(q, 0), with_neighbours(chunks(k, 0), 0), with_neighbours(chunks(v, 0), 0), mask,
-                  implementation=implementation)
-  return out.reshape((n * chunk,) + q.shape[1:])[:seq]
-
-
 def segment_mask(segment_ids: jax.Array) -> jax.Array:
-  """Block-diagonal mask: tokens attend within their own segment. (seq,) -> (1, 1, seq, seq)."""
-  return (segment_ids[:, None] == segment_ids[None, :])[None, None]
+  """Block-diagonal mask: tokens attend within their own segment. (groups, seq) -> (groups, 1, seq, seq)."""
+  return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]

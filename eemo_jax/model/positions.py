@@ -283,65 +283,75 @@ def cu_seqlens_from_segment_ids(segment_ids) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class VisionLayout:
-  """Static-shape index arrays for one vision-tower call over all images of a batch.
+  """Static-shape slot layout for one vision-tower call over all images of a batch.
 
-  The tower permutes merged tokens into window order once, runs every block in that order (window
-  blocks mask with `window_segment_ids`, full blocks with `full_segment_ids`) and un-permutes after the
-  merger with `reverse_index`. Padding occupies the tail in both raster and window order. Arrays are
-  read-only.
+  The tower runs on `S_pad` *slots* rather than on the raw patch sequence, so that both attention
+  kinds are plain batched attention with little wasted work:
+
+  * every attention window gets exactly `window_slots` = (merged window side)² · m² slots; a window
+    cut by the image edge fills its first slots (HF's order inside the window) and pads the rest;
+  * frames (one per image, or per temporal patch of a video) are packed in order into attention bins
+    of `frame_budget` slots (a whole number of windows); a frame never straddles two bins.
+
+  Window blocks then attend within `(S_pad / window_slots, window_slots)` and full-attention blocks
+  within `(S_pad / frame_budget, frame_budget)`, masked by segment ids: about HF's FLOPs, where one
+  masked S x S attention over the whole batch would cost (number of images) times more. Read in slot
+  order, the valid slots are exactly HF's window-permuted patch sequence (`get_vision_window_index`),
+  and the window and frame segments are HF's `cu_window_seqlens` and `cu_seqlens`. Arrays are read-only.
   """
 
-  window_index: np.ndarray  # (M_pad,) int32: window-order slot -> raster merged-token index
-  reverse_index: np.ndarray  # (M_pad,) int32: argsort(window_index)
-  window_segment_ids: np.ndarray  # (S_pad,) int32, window order; pads share one extra id
-  full_segment_ids: np.ndarray  # (S_pad,) int32, window order; one id per frame, pads one extra id
-  rope_positions: np.ndarray  # (S_pad, 2) int32 (h, w) patch-unit rotary ids, window order; pads 0
+  slot_patch: np.ndarray  # (S_pad,) int32: raster patch index (pixel_values row) in each slot, -1 padding
+  raster_slot: np.ndarray  # (S_pad,) int32: slot of raster patch i for i < S, then the padding slots in order
+  window_segment_ids: np.ndarray  # (S_pad / window_slots, window_slots) int32: window id, -1 padding
+  full_segment_ids: np.ndarray  # (S_pad / frame_budget, frame_budget) int32: frame id, -1 padding
+  rope_positions: np.ndarray  # (S_pad, 2) int32 (h, w) patch-unit rotary ids per slot; padding 0
   num_patches: int  # S, valid patches
   num_merged: int  # M = S / m², valid merged tokens
+  merge_unit: int  # m²
   grid_thw: np.ndarray  # (n, 3) int32
 
   @property
   def patch_budget(self) -> int:
-    """S_pad, the static patch count the tower is compiled for."""
-    return int(self.window_segment_ids.shape[0])
+    """S_pad, the static slot count the tower is compiled for."""
+    return int(self.slot_patch.shape[0])
 
   @property
   def merged_budget(self) -> int:
-    """M_pad = S_pad / m²."""
-    return int(self.window_index.shape[0])
+    """M_pad = S_pad / m²: the tower's output rows, valid merged tokens first in raster order."""
+    return self.patch_budget // self.merge_unit
+
+  @property
+  def window_slots(self) -> int:
+    return int(self.window_segment_ids.shape[1])
+
+  @property
+  def frame_budget(self) -> int:
+    return int(self.full_segment_ids.shape[1])
 
 
-def _check_budget(patch_budget, num_patches: int, merge_unit: int) -> int:
-  """S_pad as an int, or a ValueError saying what budget would work."""
-  if patch_budget is None:
-    return num_patches
-  if int(patch_budget) != patch_budget:
-    raise ValueError(f"patch_budget must be an integer, got {patch_budget!r}")
-  budget = int(patch_budget)
-  if budget < num_patches:
-    raise ValueError(f"patch_budget {budget} < {num_patches} patches in grid_thw; use a larger bucket "
-                     f"(e.g. bucket_patch_budget({num_patches})) or fewer/smaller images")
-  if budget % merge_unit:
-    raise ValueError(f"patch_budget {budget} is not a multiple of spatial_merge_size**2 = {merge_unit} "
-                     f"(patches are merged in groups of {merge_unit}); use e.g. "
-                     f"{budget + merge_unit - budget % merge_unit}")
-  return budget
+def _merged_window(window_size: int, patch_size: int, m: int) -> int:
+  """vw, the side of an attention window in merged tokens (4 for the checkpoints)."""
+  vw = window_size // m // patch_size if m >= 1 and patch_size >= 1 else 0
+  if vw < 1:
+    raise ValueError(f"window_size {window_size} // spatial_merge_size {m} // patch_size {patch_size} = {vw}; "
+                     f"a window must span at least one merged token (HF fails with ZeroDivisionError)")
+  return vw
 
 
-def _window_order(t: int, lh: int, lw: int, vw: int) -> tuple[np.ndarray, np.ndarray]:
-  """One item's merged tokens in window order, and the merged-token count of each window.
+def _frame_windows(t: int, lh: int, lw: int, vw: int) -> np.ndarray:
+  """(t, windows per frame, vw²) item-local raster merged indices per window slot, -1 for padding.
 
-  Windows are vw x vw merged tokens, frame-major, then row-major over windows, raster inside a window.
-  HF pads each axis by `vw - n % vw` (a whole empty window when divisible) and later drops empty windows
-  with unique_consecutive; tiling with ceil(n / vw) windows gives the same non-empty windows directly.
-  Returns `order` (t*lh*lw,) and `lengths` (n_windows,), all windows non-empty.
+  Windows are vw x vw merged tokens, row-major over windows, raster inside a window, with the valid
+  tokens moved to the front of each window (HF concatenates the non-empty positions). HF pads each axis
+  by `vw - n % vw` (a whole empty window when divisible) and drops empty windows; tiling with
+  ceil(n / vw) windows gives the same non-empty windows directly.
   """
   nh, nw = -(-lh // vw), -(-lw // vw)
   padded = np.full((t, nh * vw, nw * vw), -1, np.int64)
   padded[:, :lh, :lw] = np.arange(t * lh * lw).reshape(t, lh, lw)
-  tiles = padded.reshape(t, nh, vw, nw, vw).transpose(0, 1, 3, 2, 4).reshape(t * nh * nw, vw * vw)
-  keep = tiles >= 0  # (n_windows, vw*vw)
-  return tiles[keep], keep.sum(axis=1)
+  tiles = padded.reshape(t, nh, vw, nw, vw).transpose(0, 1, 3, 2, 4).reshape(t, nh * nw, vw * vw)
+  front = np.argsort(tiles < 0, axis=-1, kind="stable")  # valid first, order kept
+  return np.take_along_axis(tiles, front, axis=-1)
 
 
 def _patch_rope_ids(t: int, h: int, w: int, m: int) -> np.ndarray:
@@ -351,70 +361,138 @@ def _patch_rope_ids(t: int, h: int, w: int, m: int) -> np.ndarray:
   return np.tile(np.stack(blocks, axis=-1), (t, 1))
 
 
-def vision_layout(grid_thw, *, patch_size: int, spatial_merge_size: int, window_size: int,
-                  patch_budget: int | None = None) -> VisionLayout:
-  """Window permutation, attention segments and rotary ids for all images of a batch, padded to S_pad.
+def _frames(grid: np.ndarray, m: int, vw: int) -> list[np.ndarray]:
+  """Every frame of the batch as (windows, vw²) global raster merged indices, -1 for padding."""
+  frames, offset = [], 0
+  for t, h, w in grid.tolist():
+    windows = _frame_windows(t, h // m, w // m, vw)
+    frames.extend(np.where(windows >= 0, windows + offset, -1))
+    offset += t * (h // m) * (w // m)
+  return frames
 
-  Matches HF 5.23 `get_vision_window_index` (window_index, cu_window_seqlens), `get_vision_cu_seqlens`
-  (one full-attention segment per frame per item) and `get_vision_position_ids` permuted the way the
-  tower's forward permutes its rotary tables. Windows and frames never cross items. `grid_thw` may be
-  empty (S = 0): the layout is then all padding, which lets a text-only batch reuse the compiled tower.
+
+def _pack(frame_slots: list[int], bin_slots: int) -> list[int] | None:
+  """Next-fit packing, which keeps the frames in order (so slot order stays HF's order).
+
+  Returns each frame's bin, or None when a frame is larger than a bin.
+  """
+  bins, current, used = [], -1, bin_slots
+  for need in frame_slots:
+    if need > bin_slots:
+      return None
+    if used + need > bin_slots:
+      current, used = current + 1, 0
+    bins.append(current)
+    used += need
+  return bins
+
+
+def _choose_bins(frame_slots: list[int], window_slots: int, patch_budget: int | None, frame_budget: int | None):
+  """(frame_budget, bin of each frame, S_pad): the smallest bin that packs every frame into the budget."""
+  if frame_budget is not None:
+    candidates = [int(frame_budget)]
+  elif patch_budget is not None:  # the smallest bin size that divides the budget and fits
+    candidates = [f for f in range(window_slots, patch_budget + 1, window_slots) if patch_budget % f == 0]
+  else:
+    candidates = [max(frame_slots, default=window_slots)]
+  for f in candidates:
+    if f < window_slots or f % window_slots:
+      raise ValueError(f"frame_budget {f} must be a positive multiple of the window's {window_slots} slots")
+    bins = _pack(frame_slots, f)
+    if bins is None:
+      continue
+    s_pad = patch_budget if patch_budget is not None else max(len(set(bins)), 1) * f
+    if s_pad % f == 0 and (bins[-1] + 1 if bins else 1) * f <= s_pad:
+      return f, bins, s_pad
+  smallest = _choose_bins(frame_slots, window_slots, None, None)[2]
+  raise ValueError(
+      f"patch_budget {patch_budget} with frame_budget {frame_budget} cannot hold these images: their frames "
+      f"need {sum(frame_slots)} slots ({max(frame_slots, default=0)} in the largest frame; each attention window "
+      f"is padded to {window_slots} patches; the default layout takes {smallest}); use a larger budget (e.g. "
+      f"bucket_patch_budget(required_slots(grid_thw, ...))) or smaller images")
+
+
+def required_slots(grid_thw, *, patch_size: int, spatial_merge_size: int, window_size: int) -> int:
+  """The slot count of the default layout of these images: the smallest budget to bucket from.
+
+  Use it to choose a static budget: `bucket_patch_budget(required_slots(...), multiple=...)`.
+  """
+  m = spatial_merge_size
+  vw = _merged_window(window_size, patch_size, m)
+  window_slots = vw * vw * m * m
+  frames = _frames(_as_grid(grid_thw, m, "grid_thw"), m, vw)
+  return _choose_bins([f.shape[0] * window_slots for f in frames], window_slots, None, None)[2]
+
+
+def vision_layout(grid_thw, *, patch_size: int, spatial_merge_size: int, window_size: int,
+                  patch_budget: int | None = None, frame_budget: int | None = None) -> VisionLayout:
+  """The slot layout (see `VisionLayout`) of all images of a batch.
+
+  Matches HF 5.23 `get_vision_window_index` (window order and windows), `get_vision_cu_seqlens` (one
+  full-attention segment per frame per item) and `get_vision_position_ids` permuted the way the tower's
+  forward permutes its rotary tables. `grid_thw` may be empty (S = 0): the layout is then all padding,
+  which lets a text-only batch reuse the compiled tower.
 
   Args:
     grid_thw: (n, 3) patch grids, in `pixel_values` order.
     patch_size, spatial_merge_size, window_size: vision config values (14, 2, 112 for the checkpoints).
-    patch_budget: S_pad, a multiple of m² and >= S; default S (no padding).
+    patch_budget: S_pad, the static slot count (a multiple of `frame_budget`); default: as many as needed.
+    frame_budget: slots per full-attention bin, a multiple of the window's slots. Fix it (with
+      `patch_budget`) for static shapes across batches; default: the smallest that fits.
   """
   m = spatial_merge_size
-  grid = _as_grid(grid_thw, m, "grid_thw")
   unit = m * m
-  vw = window_size // m // patch_size if m >= 1 and patch_size >= 1 else 0
-  if vw < 1:
-    raise ValueError(f"window_size {window_size} // spatial_merge_size {m} // patch_size {patch_size} = {vw}; "
-                     f"a window must span at least one merged token (HF fails with ZeroDivisionError)")
+  vw = _merged_window(window_size, patch_size, m)
+  grid = _as_grid(grid_thw, m, "grid_thw")
+  window_slots = vw * vw * unit
+  if patch_budget is not None:
+    if int(patch_budget) != patch_budget or patch_budget < window_slots or patch_budget % window_slots:
+      raise ValueError(f"patch_budget {patch_budget!r} must be a positive multiple of {window_slots} (the slots of "
+                       f"one attention window: ({vw}x{vw} merged tokens) x {unit} patches)")
+    patch_budget = int(patch_budget)
+  frames = _frames(grid, m, vw)  # [(windows, vw²)] per frame
+  frame_slots = [f.shape[0] * window_slots for f in frames]
+  bin_slots, bins, s_pad = _choose_bins(frame_slots, window_slots, patch_budget, frame_budget)
+
+  merged_slots = np.full((s_pad // unit,), -1, np.int64)  # raster merged index per merged slot
+  window_ids = np.full((s_pad // unit,), -1, np.int64)
+  frame_ids = np.full((s_pad // unit,), -1, np.int64)
+  start, window_count, last_bin = 0, 0, -1
+  for frame_id, (windows, b) in enumerate(zip(frames, bins)):
+    if b != last_bin:
+      start, last_bin = b * bin_slots // unit, b
+    n = windows.size
+    merged_slots[start:start + n] = windows.reshape(-1)
+    valid = windows.reshape(-1) >= 0
+    window_ids[start:start + n] = np.where(valid, np.repeat(np.arange(windows.shape[0]) + window_count, vw * vw), -1)
+    frame_ids[start:start + n] = np.where(valid, frame_id, -1)
+    window_count += windows.shape[0]
+    start += n
+
+  valid = merged_slots >= 0
+  slot_patch = np.where(valid[:, None], merged_slots[:, None] * unit + np.arange(unit), -1).reshape(-1)
   num_patches = int(np.prod(grid, axis=1).sum())
-  budget = _check_budget(patch_budget, num_patches, unit)
-  num_merged, merged_budget = num_patches // unit, budget // unit
+  raster_slot = np.empty(s_pad, np.int64)
+  filled = np.flatnonzero(slot_patch >= 0)
+  raster_slot[slot_patch[filled]] = filled
+  raster_slot[num_patches:] = np.flatnonzero(slot_patch < 0)
+  rope_positions = np.zeros((s_pad, 2), np.int64)
+  if num_patches:
+    raster_rope = np.concatenate([_patch_rope_ids(t, h, w, m) for t, h, w in grid.tolist()])  # (S, 2) raster
+    rope_positions[filled] = raster_rope[slot_patch[filled]]
 
-  orders, window_lengths, frame_of_merged, rope = [], [], [], []
-  merged_offset = frame_offset = 0
-  for t, h, w in grid.tolist():
-    lh, lw = h // m, w // m
-    order, lengths = _window_order(t, lh, lw, vw)
-    orders.append(order + merged_offset)
-    window_lengths.append(lengths)
-    frame_of_merged.append(np.repeat(np.arange(t) + frame_offset, lh * lw))
-    rope.append(_patch_rope_ids(t, h, w, m))
-    merged_offset += t * lh * lw
-    frame_offset += t
-
-  def cat(parts, shape_tail=()):
-    return np.concatenate(parts) if parts else np.zeros((0, *shape_tail), np.int64)
-
-  valid_order = cat(orders)  # (M,)
-  lengths = cat(window_lengths)  # (n_windows,)
-  num_windows, num_frames = lengths.size, frame_offset
-  pad_patches = budget - num_patches
-
-  window_index = np.concatenate([valid_order, np.arange(num_merged, merged_budget)])  # (M_pad,)
-  reverse_index = np.argsort(window_index, kind="stable")  # (M_pad,)
-  window_merged = np.repeat(np.arange(num_windows), lengths)  # (M,) window id per permuted merged token
-  window_segment_ids = np.concatenate([np.repeat(window_merged, unit), np.full(pad_patches, num_windows)])
-  full_merged = cat(frame_of_merged)[valid_order]  # (M,) frame id per permuted merged token
-  full_segment_ids = np.concatenate([np.repeat(full_merged, unit), np.full(pad_patches, num_frames)])
-  raster_rope = cat(rope, (2,))  # (S, 2) in pixel_values order
-  window_rope = raster_rope.reshape(num_merged, unit, 2)[valid_order].reshape(num_patches, 2)
-  rope_positions = np.concatenate([window_rope, np.zeros((pad_patches, 2), np.int64)])  # (S_pad, 2)
-
-  def frozen(a):
+  def frozen(a, shape=None):
     a = np.ascontiguousarray(a, dtype=np.int32)
+    a = a.reshape(shape) if shape is not None else a
     a.setflags(write=False)
     return a
 
-  return VisionLayout(window_index=frozen(window_index), reverse_index=frozen(reverse_index),
-                      window_segment_ids=frozen(window_segment_ids), full_segment_ids=frozen(full_segment_ids),
-                      rope_positions=frozen(rope_positions), num_patches=num_patches, num_merged=num_merged,
-                      grid_thw=frozen(grid.reshape(-1, 3)))
+  return VisionLayout(
+      slot_patch=frozen(slot_patch), raster_slot=frozen(raster_slot),
+      window_segment_ids=frozen(np.repeat(window_ids, unit), (-1, window_slots)),
+      full_segment_ids=frozen(np.repeat(frame_ids, unit), (-1, bin_slots)),
+      rope_positions=frozen(rope_positions), num_patches=num_patches, num_merged=num_patches // unit,
+      merge_unit=unit, grid_thw=frozen(grid.reshape(-1, 3)))
 
 
 def bucket_patch_budget(num_patches: int, *, policy: str = "pow2", multiple: int = 256,

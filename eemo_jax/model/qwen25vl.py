@@ -41,8 +41,11 @@ class ModelInputs:
 
 def prepare_inputs(config: Qwen25VLConfig, input_ids, attention_mask=None, pixel_values=None,
                    image_grid_thw=None, *, mm_token_type_ids=None, patch_budget: int | None = None,
-                   dtype=np.float32) -> ModelInputs:
-  """Host side of a forward pass: M-RoPE positions and the vision layout, from HF processor outputs."""
+                   frame_budget: int | None = None, dtype=np.float32) -> ModelInputs:
+  """Host side of a forward pass: M-RoPE positions and the vision layout, from HF processor outputs.
+
+  `patch_budget` / `frame_budget` fix the vision tower's static shapes (see `positions.vision_layout`).
+  """
   ids = _host(input_ids, "input_ids").astype(np.int32)
   if ids.ndim != 2:
     raise ValueError(f"input_ids must be (batch, seq); got shape {ids.shape}")
@@ -57,7 +60,8 @@ def prepare_inputs(config: Qwen25VLConfig, input_ids, attention_mask=None, pixel
       tokens_per_second=config.vision.tokens_per_second)
   vision = None
   if grid is not None:
-    vision = prepare_vision(_host(pixel_values, "pixel_values"), grid, config.vision, patch_budget, dtype=dtype)
+    vision = prepare_vision(_host(pixel_values, "pixel_values"), grid, config.vision, patch_budget, dtype=dtype,
+                            frame_budget=frame_budget)
   return ModelInputs(input_ids=ids, attention_mask=mask, position_ids=pos.astype(np.int32),
                      rope_deltas=deltas.astype(np.int32), vision=vision)
 
@@ -86,7 +90,8 @@ class Qwen25VL(nnx.Module):
 
   def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, *,
                position_ids=None, vision: VisionInputs | None = None, mm_token_type_ids=None,
-               patch_budget: int | None = None, cache: KVCache | None = None, cache_index=0,
+               patch_budget: int | None = None, frame_budget: int | None = None,
+               cache: KVCache | None = None, cache_index=0,
                logits_for: str = "all", output_hidden_states: bool = False) -> ModelOutput:
     """Forward pass with HF argument names.
 
@@ -95,7 +100,8 @@ class Qwen25VL(nnx.Module):
     """
     if pixel_values is not None and vision is None:
       prepared = prepare_inputs(self.config, input_ids, attention_mask, pixel_values, image_grid_thw,
-                                mm_token_type_ids=mm_token_type_ids, patch_budget=patch_budget)
+                                mm_token_type_ids=mm_token_type_ids, patch_budget=patch_budget,
+                                frame_budget=frame_budget)
       vision = prepared.vision
       if position_ids is None:
         position_ids = prepared.position_ids

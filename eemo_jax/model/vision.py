@@ -1,8 +1,10 @@
 """The Qwen2.5-VL vision tower: patch embedding, windowed/full attention blocks, patch merger.
 
-All images of a batch run as one sequence of patches (as in HF), padded to a static patch budget.
-Window and full attention are the same scanned block; a per-layer flag picks which segment ids
-(windows or whole frames) build its block-diagonal mask.
+All images of a batch run as one sequence of static length (the patch budget), laid out in slots
+(`positions.VisionLayout`): each attention window fills a fixed number of slots and frames are packed
+into fixed-size bins, so window attention is batched over windows and full attention over bins.
+Window and full attention are the same scanned block; a per-layer flag picks which of the two masks
+it uses.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import numpy as np
 from flax import nnx, struct
 
 from eemo_jax.model import positions
-from eemo_jax.model.attention import Implementation, attention, local_segment_attention, segment_mask
+from eemo_jax.model.attention import Implementation, attention, segment_mask
 from eemo_jax.model.config import VisionConfig
 from eemo_jax.model.layers import Linear, RMSNorm, SwiGLU, scan_layers, stacked
 from eemo_jax.model.rope import rotate_half, vision_cos_sin
@@ -21,33 +23,34 @@ from eemo_jax.model.rope import rotate_half, vision_cos_sin
 
 @struct.dataclass
 class VisionInputs:
-  """Static-shape vision inputs; every index array is computed on the host (`prepare_vision`).
+  """Static-shape vision inputs in slot order; every index array is computed on the host (`prepare_vision`).
 
-  S_pad is the patch budget, M_pad = S_pad / merge_unit.
+  S_pad is the slot budget, W the slots of one window, F the slots of one full-attention bin.
   """
-  pixel_values: jax.Array  # (S_pad, patch_dim) float, padded rows zero
-  window_index: jax.Array  # (M_pad,) int32: raster -> window order of merged tokens
-  reverse_index: jax.Array  # (M_pad,) int32: window -> raster order
-  window_segment_ids: jax.Array  # (S_pad,) int32, window order
-  full_segment_ids: jax.Array  # (S_pad,) int32, window order
-  rope_positions: jax.Array  # (S_pad, 2) int32 (h, w) patch ids, window order
+  pixel_values: jax.Array  # (S_pad, patch_dim) float: pixel_values rows placed in their slots, padding zero
+  raster_slot: jax.Array  # (S_pad,) int32: slot of raster patch i (pixel_values row i), then the padding slots
+  window_segment_ids: jax.Array  # (S_pad / W, W) int32: window id per slot, -1 padding
+  full_segment_ids: jax.Array  # (S_pad / F, F) int32: frame id per slot, -1 padding
+  rope_positions: jax.Array  # (S_pad, 2) int32 (h, w) patch ids per slot
 
 
 def prepare_vision(pixel_values, image_grid_thw, config: VisionConfig, patch_budget: int | None = None,
-                   dtype=np.float32) -> VisionInputs:
-  """Host side: pads `pixel_values` to the patch budget and computes the window layout."""
+                   dtype=np.float32, *, frame_budget: int | None = None) -> VisionInputs:
+  """Host side: places `pixel_values` rows into the slot layout (see `positions.vision_layout`)."""
   grid = np.asarray(image_grid_thw, dtype=np.int64).reshape(-1, 3)
   pixels = np.asarray(pixel_values, dtype=dtype)
   layout = positions.vision_layout(grid, patch_size=config.patch_size,
                                    spatial_merge_size=config.spatial_merge_size,
-                                   window_size=config.window_size, patch_budget=patch_budget)
+                                   window_size=config.window_size, patch_budget=patch_budget,
+                                   frame_budget=frame_budget)
   n = layout.num_patches
   if pixels.shape != (n, config.patch_dim):
     raise ValueError(f"pixel_values has shape {pixels.shape}, but image_grid_thw {grid.tolist()} needs "
                      f"({n}, {config.patch_dim}) for this model; were they made by this model's processor?")
-  s_pad = layout.window_segment_ids.shape[0]
-  pixels = np.concatenate([pixels, np.zeros((s_pad - n, pixels.shape[1]), dtype)], axis=0)
-  return VisionInputs(pixel_values=pixels, window_index=layout.window_index, reverse_index=layout.reverse_index,
+  slots = np.zeros((layout.patch_budget, config.patch_dim), dtype)  # (S_pad, patch_dim)
+  filled = layout.slot_patch >= 0
+  slots[filled] = pixels[layout.slot_patch[filled]]
+  return VisionInputs(pixel_values=slots, raster_slot=layout.raster_slot,
                       window_segment_ids=layout.window_segment_ids, full_segment_ids=layout.full_segment_ids,
                       rope_positions=layout.rope_positions)
 
@@ -60,19 +63,17 @@ class VisionAttention(nnx.Module):
     self.proj = Linear(d, d, axes=("heads", "embed"), param_dtype=param_dtype, rngs=rngs)
     self.num_heads = cfg.num_heads
 
-  def __call__(self, x, cos, sin, segments, implementation):
-    """`segments` is ("window", ids, chunk) for windowed blocks or ("full", mask) for full attention."""
+  def __call__(self, x, cos, sin, mask, implementation):
+    """x: (S_pad, hidden); mask: (groups, 1, G, G) for groups of G consecutive slots (windows or bins)."""
     s, d = x.shape
+    groups, size = mask.shape[0], mask.shape[-1]
     qkv = self.qkv(x).reshape(s, 3, self.num_heads, d // self.num_heads)
-    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # (patches, heads, head_dim)
+    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # (slots, heads, head_dim)
     # HF rotates the vision q/k in fp32 and casts back (spec §4.5).
     q = _rotate_fp32(q, cos, sin)
     k = _rotate_fp32(k, cos, sin)
-    if segments[0] == "window":
-      _, ids, chunk = segments
-      out = local_segment_attention(q, k, v, ids, chunk, implementation=implementation)
-    else:
-      out = attention(q[None], k[None], v[None], segments[1], implementation=implementation)[0]
+    q, k, v = (a.reshape(groups, size, self.num_heads, -1) for a in (q, k, v))  # (groups, G, heads, head_dim)
+    out = attention(q, k, v, mask, implementation=implementation)
     return self.proj(out.reshape(s, d))
 
 
@@ -88,8 +89,8 @@ class VisionBlock(nnx.Module):
     self.norm2 = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
     self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, use_bias=True, param_dtype=param_dtype, rngs=rngs)
 
-  def __call__(self, x, cos, sin, segments, implementation):
-    x = x + self.attn(self.norm1(x), cos, sin, segments, implementation)
+  def __call__(self, x, cos, sin, mask, implementation):
+    x = x + self.attn(self.norm1(x), cos, sin, mask, implementation)
     return x + self.mlp(self.norm2(x))
 
 
@@ -128,14 +129,13 @@ class VisionTower(nnx.Module):
     """
     cfg = self.config
     unit = cfg.merge_unit
-    x = self.patch_embed(inputs.pixel_values.astype(dtype))  # (S_pad, hidden)
+    x = self.patch_embed(inputs.pixel_values.astype(dtype))  # (S_pad, hidden), slot order
     s_pad, d = x.shape
-    x = x.reshape(s_pad // unit, unit, d)[inputs.window_index].reshape(s_pad, d)
     cos, sin = vision_cos_sin(inputs.rope_positions, cfg.head_dim, cfg.rope_theta)  # (S_pad, head_dim)
     is_full = jnp.asarray(np.isin(np.arange(cfg.depth), cfg.fullatt_block_indexes))  # (depth,)
-    # Windows are contiguous runs of at most merged_window² merged tokens: local attention is exact.
-    windows = ("window", inputs.window_segment_ids, cfg.merged_window**2 * unit)
-    full = ("full", segment_mask(inputs.full_segment_ids))  # (1, 1, S_pad, S_pad), one segment per frame
+    # Padding slots see only padding, so no softmax row is empty.
+    windows = segment_mask(inputs.window_segment_ids)  # (S_pad / W, 1, W, W)
+    full = segment_mask(inputs.full_segment_ids)  # (S_pad / F, 1, F, F)
     impl = self.attention_impl
 
     def body(block, h, is_full_block):
@@ -144,8 +144,8 @@ class VisionTower(nnx.Module):
       return h, None
 
     x, _ = scan_layers(self.blocks, body, x, is_full, remat=self.remat)
-    merged = self.merger(x)[inputs.reverse_index]  # (M_pad, out_hidden), raster order
+    merged_slot = inputs.raster_slot.reshape(-1, unit)[:, 0] // unit  # (M_pad,) raster merged token -> slot
+    merged = self.merger(x)[merged_slot]  # (M_pad, out_hidden), raster order
     if not return_blocks:
       return merged
-    blocks = x.reshape(s_pad // unit, unit, d)[inputs.reverse_index].reshape(s_pad, d)
-    return merged, blocks
+    return merged, x[inputs.raster_slot]

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from eemo_jax.model import config as cfglib
-from eemo_jax.model.attention import attention, causal_mask, local_segment_attention, segment_mask
+from eemo_jax.model.attention import attention, causal_mask, segment_mask
 from eemo_jax.model.qwen25vl import Qwen25VL, prepare_inputs
 from hf_fixtures import make_batch
 
@@ -32,16 +32,15 @@ def test_unknown_attention_implementation_explains():
     attention(x, x, x, jnp.ones((1, 1, 2, 2), bool), implementation="flash")
 
 
-@pytest.mark.parametrize("sizes", [[64, 64, 64], [64, 32, 16, 8, 64, 40], [3, 61, 64, 1, 17], [5]])
-def test_local_segment_attention_equals_dense(sizes):
-  """Windows are contiguous runs of <= chunk positions: the chunked form must be exact."""
-  rs = np.random.RandomState(len(sizes))
-  seq = sum(sizes) + 12  # trailing padding segment of 12
-  seg = np.concatenate([np.full(n, i) for i, n in enumerate(sizes)] + [np.full(12, len(sizes))])
-  q, k, v = (jnp.asarray(rs.randn(seq, 2, 8), jnp.float32) for _ in range(3))
-  dense = attention(q[None], k[None], v[None], segment_mask(jnp.asarray(seg)))[0]
-  local = local_segment_attention(q, k, v, jnp.asarray(seg), chunk=64)
-  np.testing.assert_allclose(np.asarray(local), np.asarray(dense), atol=1e-6)
+def test_grouped_segment_attention_equals_dense_block_diagonal():
+  """Attention within groups of slots (the vision windows / bins) equals one dense masked attention."""
+  rs = np.random.RandomState(0)
+  seg = np.array([[0, 0, 0, -1], [1, 1, 2, 2], [-1, -1, -1, -1]], np.int32)  # (groups, group size)
+  q, k, v = (jnp.asarray(rs.randn(1, seg.size, 2, 8), jnp.float32) for _ in range(3))
+  grouped = attention(*(x.reshape(3, 4, 2, 8) for x in (q, k, v)), segment_mask(jnp.asarray(seg)))
+  flat = np.where(seg >= 0, seg, 100 + np.arange(3)[:, None]).reshape(1, -1)  # padding: one segment per group
+  dense = attention(q, k, v, segment_mask(jnp.asarray(flat)))
+  np.testing.assert_allclose(np.asarray(grouped).reshape(dense.shape), np.asarray(dense), atol=1e-6)
 
 
 def _loss_and_grads(model, inputs):

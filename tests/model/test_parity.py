@@ -68,12 +68,14 @@ def test_left_padded_text_matches_generate_positions(models):
   assert _valid_max_diff(ours, expected, batch["attention_mask"]) <= TOL
 
 
-def test_patch_budget_padding_does_not_change_logits(models):
+@pytest.mark.parametrize("budget", [(512, None), (1024, 512)], ids=["two_bins", "one_bin"])
+def test_patch_budget_padding_does_not_change_logits(models, budget):
+  """Extra padding slots, and frames packed into one bin or two, leave the logits unchanged."""
   model, _ = models
   batch = make_batch([[(1, 10, 12), (1, 4, 4)]], seed=1)
   args = (batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["image_grid_thw"])
   exact = np.asarray(model(*args).logits)
-  padded = np.asarray(model(*args, patch_budget=256).logits)
+  padded = np.asarray(model(*args, patch_budget=budget[0], frame_budget=budget[1]).logits)
   np.testing.assert_allclose(padded, exact, atol=1e-5, rtol=0)
 
 

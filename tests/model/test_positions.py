@@ -62,49 +62,63 @@ def _hf_vision(grid, *, m=M, patch=PATCH, window=WINDOW):
 
 
 def _check_layout_against_hf(layout, grid, budget, *, m=M, patch=PATCH, window=WINDOW):
+  """The valid slots, read in slot order, are HF's window-permuted sequence; groups hold whole segments."""
   unit = m * m
   widx, cu_win, cu_full, pos = _hf_vision(grid, m=m, patch=patch, window=window)
   s = int(np.prod(np.asarray(grid), axis=1).sum())
-  s_pad = s if budget is None else budget
+  vw = window // m // patch
+  w_slots = vw * vw * unit
   assert (layout.num_patches, layout.num_merged) == (s, s // unit)
-  assert (layout.patch_budget, layout.merged_budget) == (s_pad, s_pad // unit)
-  for name in ("window_index", "reverse_index", "window_segment_ids", "full_segment_ids", "rope_positions",
-               "grid_thw"):
+  if budget is not None:
+    assert layout.patch_budget == budget
+  s_pad = layout.patch_budget
+  assert layout.merged_budget == s_pad // unit and layout.window_slots == w_slots
+  for name in ("slot_patch", "raster_slot", "window_segment_ids", "full_segment_ids", "rope_positions", "grid_thw"):
     assert getattr(layout, name).dtype == np.int32, name
-  assert layout.rope_positions.shape == (s_pad, 2)
+  assert layout.window_segment_ids.shape == (s_pad // w_slots, w_slots)
+  assert layout.full_segment_ids.shape == (s_pad // layout.frame_budget, layout.frame_budget)
+  assert layout.frame_budget % w_slots == 0 and layout.rope_positions.shape == (s_pad, 2)
   np.testing.assert_array_equal(layout.grid_thw, np.asarray(grid))
 
-  np.testing.assert_array_equal(layout.window_index[:s // unit], widx)
-  np.testing.assert_array_equal(layout.window_index[s // unit:], np.arange(s // unit, s_pad // unit))
-  np.testing.assert_array_equal(layout.reverse_index, np.argsort(layout.window_index))
+  valid = layout.slot_patch >= 0
+  hf_patches = (widx[:, None] * unit + np.arange(unit)).reshape(-1)  # HF's window-ordered patch rows
+  np.testing.assert_array_equal(layout.slot_patch[valid], hf_patches)
+  np.testing.assert_array_equal(layout.slot_patch[layout.raster_slot[:s]], np.arange(s))
+  np.testing.assert_array_equal(layout.raster_slot[s:], np.flatnonzero(~valid))
 
-  for seg, cu in ((layout.window_segment_ids, cu_win), (layout.full_segment_ids, cu_full)):
-    np.testing.assert_array_equal(P.cu_seqlens_from_segment_ids(seg[:s]), cu)
-    np.testing.assert_array_equal(seg[:s], P.segment_ids_from_cu_seqlens(cu, s))
-    if s_pad > s:  # pads: one extra segment of their own
-      assert (seg[s:] == len(cu) - 1).all() and (seg[:s] < len(cu) - 1).all()
+  for ids, cu in ((layout.window_segment_ids, cu_win), (layout.full_segment_ids, cu_full)):
+    flat = ids.reshape(-1)
+    assert ((flat >= 0) == valid).all()
+    np.testing.assert_array_equal(P.cu_seqlens_from_segment_ids(flat[valid]), cu)
+    for row in ids:  # a group (window or bin) never cuts a segment
+      for seg in np.unique(row[row >= 0]):
+        assert (flat == seg).sum() == (row == seg).sum()
+  for row in layout.window_segment_ids:  # one window per group, valid slots first
+    kept = row[row >= 0]
+    assert len(np.unique(kept)) <= 1 and (row[: kept.size] >= 0).all()
 
-  np.testing.assert_array_equal(layout.rope_positions[:s], pos)
-  assert (layout.rope_positions[s:] == 0).all()
+  np.testing.assert_array_equal(layout.rope_positions[valid], pos)
+  assert (layout.rope_positions[~valid] == 0).all()
 
 
-@pytest.mark.parametrize("pad", [0, 3], ids=["unpadded", "padded"])
+@pytest.mark.parametrize("pad", [0, 2], ids=["default", "padded"])
 @pytest.mark.parametrize("name", list(VISION_GRIDS))
 def test_vision_layout_matches_hf(name, pad):
   grid = VISION_GRIDS[name]
-  s = int(np.prod(grid, axis=1).sum())
-  budget = None if pad == 0 else s + pad * M * M
-  layout = P.vision_layout(np.asarray(grid), patch_size=PATCH, spatial_merge_size=M, window_size=WINDOW,
-                           patch_budget=budget)
+  kw = dict(patch_size=PATCH, spatial_merge_size=M, window_size=WINDOW)
+  budget = None if pad == 0 else P.required_slots(grid, **kw) * pad
+  layout = P.vision_layout(np.asarray(grid), patch_budget=budget, **kw)
   _check_layout_against_hf(layout, grid, budget)
 
 
 def test_spec_worked_example_values():
   layout = P.vision_layout([(1, 10, 12), (1, 4, 4)], patch_size=14, spatial_merge_size=2, window_size=112)
-  assert P.cu_seqlens_from_segment_ids(layout.window_segment_ids).tolist() == [0, 64, 96, 112, 120, 136]
-  assert layout.window_index.tolist() == ([0, 1, 2, 3, 6, 7, 8, 9, 12, 13, 14, 15, 18, 19, 20, 21, 4, 5,
-                                           10, 11, 16, 17, 22, 23] + list(range(24, 34)))
-  assert P.cu_seqlens_from_segment_ids(layout.full_segment_ids).tolist() == [0, 120, 136]
+  ids = layout.window_segment_ids
+  assert P.cu_seqlens_from_segment_ids(ids[ids >= 0]).tolist() == [0, 64, 96, 112, 120, 136]
+  assert (ids >= 0).sum(axis=1).tolist() == [64, 32, 16, 8, 16, 0, 0, 0]  # 64-slot windows, two bins of 256
+  assert layout.slot_patch[:8].tolist() == [0, 1, 2, 3, 4, 5, 6, 7]  # merged tokens 0, 1 of the first window
+  assert layout.slot_patch[64:72].tolist() == [16, 17, 18, 19, 20, 21, 22, 23]  # merged 4, 5: the 2nd window
+  assert layout.frame_budget == 256 and (layout.full_segment_ids >= 0).sum(axis=1).tolist() == [120, 16]
 
 
 @pytest.mark.parametrize("m,patch,window,grid", [
@@ -113,31 +127,45 @@ def test_spec_worked_example_values():
     (1, 14, 28, [(1, 3, 5)]),  # merge 1: every patch is a merged token
 ])
 def test_vision_layout_other_configs(m, patch, window, grid):
-  s = int(np.prod(grid, axis=1).sum())
-  budget = s + 2 * m * m
-  layout = P.vision_layout(grid, patch_size=patch, spatial_merge_size=m, window_size=window, patch_budget=budget)
+  kw = dict(patch_size=patch, spatial_merge_size=m, window_size=window)
+  budget = 4 * P.required_slots(grid, **kw)
+  layout = P.vision_layout(grid, patch_budget=budget, **kw)
   _check_layout_against_hf(layout, grid, budget, m=m, patch=patch, window=window)
 
 
+def test_frames_pack_into_bins_in_order():
+  """Small frames share a bin (masked apart); a fixed frame_budget gives the same shapes for other images."""
+  kw = dict(patch_size=PATCH, spatial_merge_size=M, window_size=WINDOW)
+  grid = [(1, 8, 8), (1, 8, 8), (1, 16, 16), (1, 8, 8)]  # 64, 64, 256, 64 slots
+  layout = P.vision_layout(grid, patch_budget=1024, frame_budget=256, **kw)
+  _check_layout_against_hf(layout, grid, 1024)
+  bins = [sorted(set(row[row >= 0].tolist())) for row in layout.full_segment_ids]
+  assert bins == [[0, 1], [2], [3], []]
+  other = P.vision_layout([(1, 4, 6)] * 3, patch_budget=1024, frame_budget=256, **kw)
+  assert other.full_segment_ids.shape == layout.full_segment_ids.shape
+
+
 def test_vision_layout_roundtrip_and_readonly():
-  """Permute patches into window order, 'merge' groups of m², un-permute: raster merged order again."""
+  """Place raster patches in slots, 'merge' groups of m², read back by raster_slot: raster order again."""
   grid = VISION_GRIDS["several"]
-  s = int(np.prod(grid, axis=1).sum())
-  layout = P.vision_layout(grid, patch_size=PATCH, spatial_merge_size=M, window_size=WINDOW, patch_budget=s + 8)
-  x = np.arange(layout.patch_budget * 3).reshape(-1, 3)  # (S_pad, D)
-  xw = x.reshape(layout.merged_budget, M * M, 3)[layout.window_index].reshape(-1, 3)
-  merged = xw.reshape(layout.merged_budget, -1)[layout.reverse_index]  # stand-in for the merger
-  np.testing.assert_array_equal(merged, x.reshape(layout.merged_budget, -1))
+  layout = P.vision_layout(grid, patch_size=PATCH, spatial_merge_size=M, window_size=WINDOW)
+  s = layout.num_patches
+  x = np.arange(s * 3).reshape(s, 3)  # (S, D) raster rows
+  slots = np.zeros((layout.patch_budget, 3), x.dtype)
+  slots[layout.slot_patch >= 0] = x[layout.slot_patch[layout.slot_patch >= 0]]
+  merged = slots.reshape(layout.merged_budget, -1)  # stand-in for the merger
+  merged_slot = layout.raster_slot.reshape(-1, M * M)[:, 0] // (M * M)
+  np.testing.assert_array_equal(merged[merged_slot][: s // (M * M)], x.reshape(s // (M * M), -1))
   with pytest.raises(ValueError):
-    layout.window_index[0] = 1
+    layout.slot_patch[0] = 1
 
 
 def test_vision_layout_empty_grid_is_all_padding():
   layout = P.vision_layout(np.zeros((0, 3), np.int64), patch_size=PATCH, spatial_merge_size=M,
-                           window_size=WINDOW, patch_budget=16)
-  assert (layout.num_patches, layout.num_merged) == (0, 0)
-  np.testing.assert_array_equal(layout.window_index, np.arange(4))
-  assert (layout.window_segment_ids == 0).all() and (layout.full_segment_ids == 0).all()
+                           window_size=WINDOW, patch_budget=128)
+  assert (layout.num_patches, layout.num_merged, layout.patch_budget) == (0, 0, 128)
+  assert (layout.slot_patch == -1).all() and (layout.window_segment_ids == -1).all()
+  np.testing.assert_array_equal(layout.raster_slot, np.arange(128))
 
 
 def test_segment_id_helpers():
@@ -156,8 +184,10 @@ def test_segment_id_helpers():
     (dict(grid_thw=[(1, 5, 4)]), r"grid_thw\[0\] = \(1, 5, 4\).*divisible by spatial_merge_size=2"),
     (dict(grid_thw=[(1, 4, 4), (0, 4, 4)]), r"grid_thw\[1\].*>= 1"),
     (dict(grid_thw=[(1, 4, 4, 1)]), r"shape \(n, 3\)"),
-    (dict(grid_thw=[(1, 4, 8)], patch_budget=16), r"patch_budget 16 < 32 patches"),
-    (dict(grid_thw=[(1, 4, 8)], patch_budget=34), r"not a multiple of spatial_merge_size\*\*2 = 4.*36"),
+    (dict(grid_thw=[(1, 16, 16), (1, 4, 8)], patch_budget=256), r"need 320 slots.*default layout takes 512"),
+    (dict(grid_thw=[(1, 4, 8)], patch_budget=96), r"patch_budget 96 must be a positive multiple of 64"),
+    (dict(grid_thw=[(1, 16, 16)], frame_budget=128), r"largest frame"),
+    (dict(grid_thw=[(1, 4, 8)], frame_budget=96), r"frame_budget 96 must be a positive multiple of the window's 64"),
     (dict(grid_thw=[(1, 4, 8)], window_size=27), r"window_size 27 // spatial_merge_size 2 // patch_size 14 = 0"),
 ])
 def test_vision_layout_errors(kwargs, match):
