@@ -1,0 +1,526 @@
+"""Task prompts and answer formats of EmoVerse and EEmo-Logic, and the parsers that read model output back.
+
+Every builder is a pure function from a record dict to HF chat messages (see `data_pipeline.prompts`): the
+user turn holds the image(s) first, then the question; with `with_answer=True` (SFT) the assistant turn
+holds the target, with `with_answer=False` (generation, GRPO prompts) it is left out. A record that cannot
+make a prompt raises a `data_pipeline.errors.RecordError` naming the field, so builders can skip it.
+
+Records are plain dicts: the released field names (EmoVerse `emotion`/`emotion_category`, `confidence`,
+`attribute`, `subject`, `bbox`/`bounding_box`) or the stored features of `data_pipeline.records`
+(`boxes`, `height`/`width`; EEmo `choice`, `emotion`, `option_set`, `ranking`, `scores`, `images`), numpy
+values included. A structured label is preferred to the released answer text when both are present.
+
+Sources (reference/papers.md): EmoVerse answers are the authors' Python-dict-like strings (§2.4); EEmo-Logic
+prompts and `<think>…</think><answer>Key: value</answer>` answers follow the authors' inference scripts
+(§3.3), with whitespace normalised (one space between sentences and after option letters, where the scripts
+run them together; no indentation before the format line). The label sets live here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import math
+import numbers
+import re
+from collections.abc import Mapping, Sequence
+
+from data_pipeline.errors import InvalidFieldError, MissingFieldError, UnknownLabelError
+
+# --------------------------------------------------------------------------------------------------
+# Label sets
+# --------------------------------------------------------------------------------------------------
+
+# EmoVerse CES classes (the 8 Mikels emotions), spelt as in its answers; the class index is the position.
+MIKELS_8 = ("Amusement", "Anger", "Awe", "Contentment", "Disgust", "Excitement", "Fear", "Sadness")
+# EEmo-Bench perception / ranking emotions (Ekman-6 + neutral).
+EKMAN_7 = ("anger", "disgust", "fear", "joy", "neutral", "sadness", "surprise")
+# EEmo-Logic dominant-emotion option sets, in the order of the authors' reward matrices
+# (train/Stage_2/vad_distance.py `option_str_list`): the rows of a reward matrix follow these tuples.
+MIKELS_8_FI = ("disgust", "contentment", "sadness", "awe", "anger", "excitement", "amusement", "fear")
+ARTPHOTO_8 = ("Anger", "Sad", "Fear", "Disgust", "Amusement", "Excitement", "Awe", "Content")
+EMOTIC_26 = ("Pain", "Sadness", "Embarrassment", "Fatigue", "Excitement", "Engagement", "Confidence", "Aversion",
+             "Happiness", "Yearning", "Affection", "Sensitivity", "Fear", "Sympathy", "Suffering", "Doubt/Confusion",
+             "Disapproval", "Anticipation", "Anger", "Esteem", "Surprise", "Disquietment", "Pleasure",
+             "Disconnection", "Peace", "Annoyance")
+PLUTCHIK_24 = ("Trust", "Admiration", "Distraction", "Joy", "Boredom", "Terror", "Amazement", "Disgust", "Rage",
+               "Vigilance", "Anticipation", "Anger", "Loathing", "Grief", "Acceptance", "Fear", "Pensiveness",
+               "Serenity", "Surprise", "Interest", "Sadness", "Apprehension", "Annoyance", "Ecstasy")
+EKMAN_7_EEMO = ("fear", "joy", "anger", "sadness", "surprise", "disgust", "neutral")
+OPTION_SETS = {"mikels8": MIKELS_8_FI, "artphoto8": ARTPHOTO_8, "emotic26": EMOTIC_26, "plutchik24": PLUTCHIK_24,
+               "ekman7": EKMAN_7_EEMO}
+VAD_DIMENSIONS = ("valence", "arousal", "dominance")
+YES_NO_OPTIONS = {"A": "No", "B": "Yes"}
+
+# --------------------------------------------------------------------------------------------------
+# EmoVerse: CES category and B-A-S attribution (+ DES slot)
+# --------------------------------------------------------------------------------------------------
+
+CES_QUESTION = ("Which emotion does this image evoke? Choose one of: "
+                + ", ".join(e.lower() for e in MIKELS_8) + ". Answer with the emotion only.")
+BAS_QUESTION = (
+    "Analyse the emotion this image evokes. Answer with a Python dict with the keys description (what the "
+    "image shows and why it evokes the emotion), emotion (one of " + ", ".join(MIKELS_8) + "), background, "
+    "adjective and noun (the background, the subject's attribute and the subject that evoke it), intensity "
+    "(0 to 10) and bbox (the subject's box as [{'x1': x1, 'y1': y1, 'x2': x2, 'y2': y2}] in pixels).")
+# The DES head reads the hidden state of the last token of this marker, appended to the B-A-S answer.
+# Plain text rather than a new special token: the vocabulary, the embedding matrix and the HF export stay
+# those of Qwen2.5-VL, and transformers tokenises it identically. It is kept whole by Qwen2's pre-tokenizer:
+# the "\n" ends the preceding pre-token, and "#DES" (one non-letter + letters) is always one pre-token, so
+# its ids never depend on the text around it (one token with the offline tokenizer, which is trained on it).
+DES_MARKER = "\n#DES"
+DES_SLOT_TEXT = "#DES"
+_EMOTION_RE = re.compile(r"'emotion':\s*'([^']+)'")  # the authors' classifier regex
+_DICT_RE = re.compile(r"\{.*\}", re.DOTALL)
+
+
+@dataclasses.dataclass(frozen=True)
+class BasAnswer:
+  """An EmoVerse attribution answer. Boxes are (x1, y1, x2, y2) in pixels of the resized image."""
+  emotion: str
+  description: str | None = None
+  background: str | None = None
+  adjective: str | None = None
+  noun: str | None = None
+  intensity: float | None = None
+  boxes: tuple[tuple[float, float, float, float], ...] = ()
+
+
+def ces_messages(record: Mapping, *, with_answer: bool = True) -> list[dict]:
+  """CES classification: the 8 Mikels classes; the answer is the class name (e.g. "Awe")."""
+  messages = [_user(CES_QUESTION)]
+  if with_answer:
+    messages.append(_assistant(_mikels(record)))
+  return messages
+
+
+def bas_messages(record: Mapping, *, resized_hw: Sequence[int], image_hw: Sequence[int] | None = None,
+                 with_answer: bool = True, des: bool = False) -> list[dict]:
+  """B-A-S attribution with the subject box; `des=True` appends the DES marker (see `des_messages`).
+
+  `image_hw` is the (height, width) of the record's image, in whose pixels its boxes are given (default: the
+  record's `height` and `width`); `resized_hw` is the size the image processor resizes it to (`smart_resize`).
+  The answer's boxes are in pixels of the resized image, because Qwen2.5-VL grounds in absolute coordinates
+  of the image it actually sees: origin at the top-left corner, x along the width, y down the height,
+  (x1, y1) the top-left and (x2, y2) the bottom-right pixel edge (the whole image is (0, 0, W, H)), rounded
+  half up to integers.
+  """
+  messages = [_user(BAS_QUESTION)]
+  if with_answer:
+    answer = format_bas_answer(record, image_hw=image_hw, resized_hw=resized_hw)
+    messages.append(_assistant(answer + DES_MARKER if des else answer))
+  return messages
+
+
+def des_messages(record: Mapping, *, resized_hw: Sequence[int], image_hw: Sequence[int] | None = None,
+                 with_answer: bool = True) -> list[dict]:
+  """The DES variant: the B-A-S answer followed by `DES_MARKER`, whose last token is the head's slot.
+
+  Trained with the marker in the labels, the model emits it after its answer, so one generation yields the
+  answer and the slot's hidden state (`des_slot` finds it in the ids).
+  """
+  return bas_messages(record, image_hw=image_hw, resized_hw=resized_hw, with_answer=with_answer, des=True)
+
+
+def format_bas_answer(record: Mapping, *, resized_hw: Sequence[int], image_hw: Sequence[int] | None = None) -> str:
+  """The authors' dict-like answer string (Python `repr`, read back with `ast.literal_eval`)."""
+  intensity = _field(record, "confidence", "confidence_score", "intensity")
+  if not _is_number(intensity) or not 0 <= intensity <= 10:
+    raise InvalidFieldError(_id(record), "confidence", f"{intensity!r} is not a number in [0, 10]",
+                            "give the emotion intensity on the EmoVerse 0-10 scale")
+  intensity = intensity.item() if hasattr(intensity, "item") else intensity  # numpy scalar -> int / float
+  if image_hw is None:
+    image_hw = (int(_field(record, "height")), int(_field(record, "width")))
+  boxes = [scale_box(b, image_hw, resized_hw) for b in _boxes(record)]
+  answer = {
+      "description": str(_field(record, "description")),
+      "emotion": _mikels(record),
+      "background": str(_field(record, "background")),
+      "adjective": str(_field(record, "attribute", "adjective")),
+      "noun": str(_field(record, "subject", "noun")),
+      "intensity": intensity,
+      "bbox": [dict(zip(("x1", "y1", "x2", "y2"), b)) for b in boxes],
+  }
+  return repr(answer)
+
+
+def scale_box(box: Sequence[float], image_hw: Sequence[int], resized_hw: Sequence[int]) -> tuple[int, ...]:
+  """(x1, y1, x2, y2) from pixels of an (h, w) image to pixels of its resized (h', w'), clipped to it."""
+  (h, w), (rh, rw) = image_hw, resized_hw
+  if min(h, w, rh, rw) <= 0:
+    raise ValueError(f"image sizes must be positive, got image_hw={tuple(image_hw)}, resized_hw={tuple(resized_hw)}")
+  x1, y1, x2, y2 = box
+  sx, sy = rw / w, rh / h
+  scaled = (x1 * sx, y1 * sy, x2 * sx, y2 * sy)
+  limits = (rw, rh, rw, rh)
+  return tuple(min(max(math.floor(v + 0.5), 0), hi) for v, hi in zip(scaled, limits))
+
+
+def parse_emoverse_answer(text: str) -> BasAnswer | None:
+  """Reads a B-A-S answer; None when no Mikels emotion can be recovered.
+
+  The last `{...}` is read with `ast.literal_eval` (then as JSON), as the authors' scorer does; `bbox_2d` is
+  accepted for `bbox`. If the dict does not parse, the emotion alone is recovered with the authors' regex
+  `'emotion':\\s*'([^']+)'`.
+  """
+  payload = _literal_dict(text)
+  if payload is None:
+    match = _EMOTION_RE.search(text or "")
+    emotion = _canonical(match.group(1), MIKELS_8) if match else None
+    return BasAnswer(emotion=emotion) if emotion else None
+  emotion = _canonical(str(payload.get("emotion", "")), MIKELS_8)
+  if emotion is None:
+    return None
+  text_field = lambda key: None if payload.get(key) is None else str(payload[key])  # noqa: E731
+  return BasAnswer(emotion=emotion, description=text_field("description"), background=text_field("background"),
+                   adjective=text_field("adjective"), noun=text_field("noun"),
+                   intensity=_number(payload.get("intensity")),
+                   boxes=_parse_boxes(payload.get("bbox") or payload.get("bbox_2d") or []))
+
+
+def parse_ces_answer(text: str) -> str | None:
+  """The Mikels class a CES answer names (canonical spelling); None if it names none or several."""
+  found = {e for e in MIKELS_8 if re.search(rf"\b{e}\b", text or "", re.IGNORECASE)}
+  if len(found) == 1:
+    return found.pop()
+  parsed = parse_emoverse_answer(text) if not found else None
+  return parsed.emotion if parsed else None
+
+
+def des_slot(input_ids: Sequence[int], tokenizer) -> int:
+  """Index of the DES slot: the last token of the last `DES_MARKER` in `input_ids`."""
+  marker = tokenizer.encode(DES_SLOT_TEXT)
+  ids = [int(i) for i in input_ids]
+  for end in range(len(ids), len(marker) - 1, -1):
+    if ids[end - len(marker):end] == marker:
+      return end - 1
+  raise ValueError(f"no {DES_SLOT_TEXT!r} marker in the sequence; build it with des_messages(...), whose answer "
+                   "ends with the marker, or let the DES-trained model generate it")
+
+
+# --------------------------------------------------------------------------------------------------
+# EEmo-Logic: perception, dominant emotion, ranking, VAD, open-ended
+# --------------------------------------------------------------------------------------------------
+
+EEMO_SYSTEM_MESSAGE = "You are an emotion analysis expert."  # the Stage-2 (GRPO) system prompt
+PERCEPTION_PROMPT = (
+    "Assume you are an expert in emotional psychology. Analyze the following emotional psychology questions "
+    "based on the image. The involved emotion categories include anger, disgust, fear, joy, neutral, sadness, "
+    "and surprise. The question is as follows: {question} Choose between one of the following options: {options}")
+DOMINANT_PROMPT = (
+    "Assume you are an expert in emotional psychology. Based on the given image, carefully identify the dominant "
+    "emotion evoked by the image. The emotions to consider include: [{options}] Please show your predicted "
+    "dominant emotion directly as follows: ")
+RANKING_PROMPT = (
+    "Assume you are an expert in emotional psychology. Based on the given image, carefully identify the three "
+    "main emotions evoked by the image, ranking them from the strongest to the weakest. The emotions to consider "
+    "include: {emotions}. Show the all three main emotions and use comma to separate them.")
+VAD_PROMPT = ("As an expert in emotional attribute assessment, please rate the level of {dimension} the image "
+              "evokes in you on a scale from 0 to 1.")
+# The authors' wrapper, verbatim but for whitespace ("through thinking" included: prompts are kept as trained).
+ANSWER_FORMAT = (
+    'Answer the question: "{question}" according to the content of the image. Firstly, give a through thinking '
+    "on this and then output your thought and analysis process within the <think> </think> tags and provide "
+    "your answer within the <answer> </answer> tags (formatted as {slot}). The final output should be with the "
+    "following format:\n<think></think><answer>{slot}</answer>")
+ANSWER_KEYS = {"yes_no": "Answer", "multiple_choice": "Answer", "dominant_emotion": "Dominant emotion",
+               "emotion_ranking": "Emotion ranking", "valence": "Valence", "arousal": "Arousal",
+               "dominance": "Dominance", "open_ended": "Description"}
+_TAG_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_WELL_FORMED_RE = re.compile(r"\s*<think>.*?</think>\s*<answer>.*?</answer>\s*", re.DOTALL)
+_KEY_VALUE_RE = re.compile(r"\s*([A-Za-z][A-Za-z ]*?)\s*:\s*(.*?)\s*", re.DOTALL)
+_NUMBER_RE = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)")
+_LETTER_RE = re.compile(r"\(?([A-Z])\)?(?:\s*[:.)]\s*(.*))?", re.DOTALL)
+
+
+def eemo_messages(record: Mapping, *, with_answer: bool = True, system: str | None = None) -> list[dict]:
+  """Dispatches on `record["task"]`, one of `ANSWER_KEYS`."""
+  task = record.get("task")
+  if task not in ANSWER_KEYS:
+    raise UnknownLabelError(_id(record), "task", f"{task!r} is not an EEmo-Logic task",
+                            f"use one of {sorted(ANSWER_KEYS)}")
+  question, value = _EEMO_BUILDERS[task](record)
+  slot = _slot(task)
+  messages = [] if system is None else [{"role": "system", "content": system}]
+  messages.append(_user(ANSWER_FORMAT.format(question=question, slot=slot), images=_num_images(record)))
+  if with_answer:
+    messages.append(_assistant(format_eemo_answer(task, value, think=str(record.get("think", "")))))
+  return messages
+
+
+def format_eemo_answer(task: str, value, *, think: str = "") -> str:
+  """`<think>{think}</think><answer>{Key}: {value}</answer>`; VAD scores get 4 decimals, rankings commas."""
+  if task in VAD_DIMENSIONS:
+    value = f"{float(value):.4f}"
+  elif task == "emotion_ranking":
+    value = ",".join(value)
+  return f"<think>{think}</think><answer>{ANSWER_KEYS[task]}: {value}</answer>"
+
+
+def is_well_formed(text: str) -> bool:
+  """Whether `text` is exactly a `<think>…</think>` block followed by an `<answer>…</answer>` block."""
+  return _WELL_FORMED_RE.fullmatch(text or "") is not None
+
+
+def parse_answer(text: str, task: str | None = None, *, options=None):
+  """The value of the last `<answer>Key: value</answer>`, or None when it is missing or malformed.
+
+  The key names the task (`ANSWER_KEYS`); with `task` given, another key gives None. Values:
+    valence / arousal / dominance -> float in [0, 1];
+    emotion_ranking -> three distinct emotions of `options` (default `EKMAN_7`), in its spelling;
+    dominant_emotion -> the emotion, in the spelling of `options` when given (None if not among them);
+    yes_no / multiple_choice ("Answer") -> the option letter, also recognised from the option text when
+      `options` (letter -> text, or a list lettered A, B, ...) are given; yes_no defaults to A: No, B: Yes;
+    open_ended -> the text.
+  """
+  matches = _TAG_RE.findall(text or "")
+  if not matches:
+    return None
+  pair = _KEY_VALUE_RE.fullmatch(matches[-1])
+  if pair is None:
+    return None
+  key, value = pair.group(1).lower(), pair.group(2)
+  candidates = [t for t, k in ANSWER_KEYS.items() if k.lower() == key]
+  if not candidates or (task is not None and task not in candidates):
+    return None
+  if task is None and len(candidates) > 1:  # "Answer": a choice; any letter unless `options` are given
+    task = "multiple_choice"
+  task = task or candidates[0]
+  if task in VAD_DIMENSIONS:
+    score = float(value) if _NUMBER_RE.fullmatch(value) else None
+    return score if score is not None and 0.0 <= score <= 1.0 else None
+  if task == "emotion_ranking":
+    return _top3(value.split(","), EKMAN_7 if options is None else _option_names(options))
+  if task == "dominant_emotion":
+    return (value or None) if options is None else _canonical(value, _option_names(options))
+  if task in ("yes_no", "multiple_choice"):
+    choices = YES_NO_OPTIONS if task == "yes_no" and options is None else _lettered(options)
+    return _choice_letter(value, choices)
+  return value or None
+
+
+def _yes_no(record: Mapping) -> tuple[str, str]:
+  value = _field(record, "choice", "answer")
+  answer = ("B" if value else "A") if isinstance(value, bool) else _choice_letter(str(value), YES_NO_OPTIONS)
+  if answer is None:
+    raise InvalidFieldError(_id(record), "answer", f"{value!r} is not A/B or No/Yes",
+                            "answer a yes/no question with 'A' (No) or 'B' (Yes)")
+  return _perception(record, YES_NO_OPTIONS), answer
+
+
+def _multiple_choice(record: Mapping) -> tuple[str, str]:
+  options = _options(record)
+  value = _field(record, "choice", "answer")
+  answer = _choice_letter(str(value), options)
+  if answer is None:
+    raise InvalidFieldError(_id(record), "answer", f"{value!r} is none of the options {options}",
+                            "give the correct option's letter or text")
+  return _perception(record, options), answer
+
+
+def _dominant(record: Mapping) -> tuple[str, str]:
+  names = _option_names(_field(record, "options", "option_set"))
+  value = _field(record, "emotion", "answer")
+  answer = _canonical(str(value), names)
+  if answer is None:
+    raise UnknownLabelError(_id(record), "answer", f"{value!r} is not among the options {names}",
+                            "give the dominant emotion from the record's option set")
+  return DOMINANT_PROMPT.format(options=", ".join(names)), answer
+
+
+def _ranking(record: Mapping) -> tuple[str, tuple[str, ...]]:
+  """Top-3 of the record's option set; EEmo-Bench's 7 emotions (`EKMAN_7`) when it names none."""
+  named = _given(record.get("options")) or _given(record.get("option_set"))
+  emotions = _option_names(_field(record, "options", "option_set")) if named else EKMAN_7
+  value = _field(record, "ranking", "answer")
+  ranking = _top3(value.split(",") if isinstance(value, str) else list(value), emotions)
+  if ranking is None:
+    raise InvalidFieldError(_id(record), "answer", f"{value!r} is not three distinct emotions of {emotions}",
+                            "rank the three strongest emotions, strongest first")
+  listed = ", ".join(emotions[:-1]) + ", and " + emotions[-1]
+  return RANKING_PROMPT.format(emotions=listed), ranking
+
+
+def _vad(dimension: str):
+  def build(record: Mapping) -> tuple[str, float]:
+    scores = record.get("scores")
+    score = scores[VAD_DIMENSIONS.index(dimension)] if _given(scores) else None
+    score = score if _given(score) else _field(record, "answer")
+    if not _is_number(score) or not 0.0 <= score <= 1.0:
+      raise InvalidFieldError(_id(record), "answer", f"{score!r} is not a {dimension} score in [0, 1]",
+                              "rescale the rating to [0, 1] first (for the SAM 1-9 scale, (x - 1) / 8)")
+    return VAD_PROMPT.format(dimension=dimension), float(score)
+  return build
+
+
+def _open_ended(record: Mapping) -> tuple[str, str]:
+  return str(_field(record, "question")), str(_field(record, "answer")).strip()
+
+
+_EEMO_BUILDERS = {"yes_no": _yes_no, "multiple_choice": _multiple_choice, "dominant_emotion": _dominant,
+                  "emotion_ranking": _ranking, "valence": _vad("valence"), "arousal": _vad("arousal"),
+                  "dominance": _vad("dominance"), "open_ended": _open_ended}
+
+
+def _slot(task: str) -> str:
+  """What the prompt shows inside <answer>: the key, and for VAD the number's shape (authors' prompts)."""
+  return f"{ANSWER_KEYS[task]}: x.xxxx" if task in VAD_DIMENSIONS else f"{ANSWER_KEYS[task]}: "
+
+
+def _perception(record: Mapping, options: Mapping[str, str]) -> str:
+  listed = " ".join(f"{letter}: {text}" for letter, text in options.items())
+  return PERCEPTION_PROMPT.format(question=str(_field(record, "question")).strip(), options=listed)
+
+
+def _options(record: Mapping) -> dict[str, str]:
+  options = _field(record, "options")
+  pairs = _lettered(options) or {}
+  if len(pairs) < 2 or not all(re.fullmatch(r"[A-Z]", k) for k in pairs):
+    raise InvalidFieldError(_id(record), "options", f"{options!r} is not a set of lettered options",
+                            "give at least two options as {'A': ..., 'B': ...} or a list")
+  return pairs
+
+
+def _lettered(options) -> dict[str, str] | None:
+  """Options as letter -> text: a mapping as given, a list lettered A, B, C..."""
+  if isinstance(options, Mapping):
+    return {str(k).strip().upper(): str(v) for k, v in options.items()}
+  if isinstance(options, Sequence) and not isinstance(options, str):
+    return {chr(ord("A") + i): str(v) for i, v in enumerate(options)}
+  return None
+
+
+def _option_names(options) -> tuple[str, ...]:
+  """An option set: a name of `OPTION_SETS`, a comma-separated string, or a sequence of emotions."""
+  if isinstance(options, str):
+    return OPTION_SETS.get(options) or tuple(o.strip() for o in options.split(",") if o.strip())
+  return tuple(str(o) for o in options)
+
+
+def _choice_letter(value: str, options: Mapping[str, str] | None) -> str | None:
+  """The option letter of an answer: "B", "(B)", "B: Yes", "B. Yes", or the option's text."""
+  value = value.strip()
+  match = _LETTER_RE.fullmatch(value)
+  if match and (options is None or match.group(1) in options):
+    letter, text = match.group(1), match.group(2)
+    if text is None or options is None or text.strip().lower() == options[letter].strip().lower():
+      return letter
+    return None
+  for letter, text in (options or {}).items():
+    if value.lower().rstrip(".") == text.strip().lower():
+      return letter
+  return None
+
+
+def _top3(items: Sequence, emotions: Sequence[str]) -> tuple[str, str, str] | None:
+  """Three distinct emotions of `emotions`, in their spelling; None otherwise."""
+  names = tuple(_canonical(str(v), emotions) for v in items)
+  return names if len(names) == 3 and None not in names and len(set(names)) == 3 else None
+
+
+def _canonical(value: str, names: Sequence[str]) -> str | None:
+  """`value` in the spelling of `names`, ignoring case and surrounding space/punctuation."""
+  key = value.strip().strip(".'\"[]").strip().lower()
+  return next((n for n in names if n.lower() == key), None)
+
+
+def _mikels(record: Mapping) -> str:
+  value = _field(record, "emotion", "emotion_category")
+  emotion = _canonical(str(value), MIKELS_8)
+  if emotion is None:
+    raise UnknownLabelError(_id(record), "emotion", f"{value!r} is not a Mikels emotion",
+                            f"use one of {', '.join(MIKELS_8)}")
+  return emotion
+
+
+def _boxes(record: Mapping) -> list[tuple[float, ...]]:
+  raw = _field(record, "bbox", "bounding_box", "boxes")
+  boxes = _parse_boxes(raw)
+  if not boxes or any(x2 < x1 or y2 < y1 for x1, y1, x2, y2 in boxes):
+    raise InvalidFieldError(_id(record), "bbox", f"{raw!r} holds no valid (x1, y1, x2, y2) box",
+                            "give the subject box as [{'x1':..,'y1':..,'x2':..,'y2':..}] or [x1, y1, x2, y2] "
+                            "with x1 <= x2 and y1 <= y2")
+  return boxes
+
+
+def _parse_boxes(raw) -> tuple[tuple[float, float, float, float], ...]:
+  """Boxes from a list of {x1,y1,x2,y2} dicts, a list of 4-sequences, or one flat 4-sequence."""
+  raw = raw.tolist() if hasattr(raw, "tolist") else raw  # numpy (N, 4) boxes
+  if isinstance(raw, Mapping) or (isinstance(raw, Sequence) and len(raw) == 4
+                                  and all(_number(v) is not None for v in raw)):
+    raw = [raw]
+  if isinstance(raw, str) or not isinstance(raw, Sequence):
+    return ()
+  boxes = []
+  for box in raw:
+    values = [box.get(k) for k in ("x1", "y1", "x2", "y2")] if isinstance(box, Mapping) else box
+    if isinstance(values, Sequence) and len(values) == 4 and all(_number(v) is not None for v in values):
+      boxes.append(tuple(_number(v) for v in values))
+  return tuple(boxes)
+
+
+def _literal_dict(text: str) -> dict | None:
+  match = _DICT_RE.search(text or "")
+  if match is None:
+    return None
+  for parse in (ast.literal_eval, lambda s: json.loads(s.replace("'", '"'))):
+    try:
+      value = parse(match.group(0))
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+      continue
+    if isinstance(value, dict):
+      return value
+  return None
+
+
+def _number(value) -> float | None:
+  if isinstance(value, bool):
+    return None
+  if isinstance(value, numbers.Real):
+    return float(value) if math.isfinite(value) else None
+  match = _NUMBER_RE.search(value) if isinstance(value, str) else None
+  return float(match.group(0)) if match else None
+
+
+def _num_images(record: Mapping) -> int:
+  count = record.get("num_images", len(record["images"]) if _given(record.get("images")) else 1)
+  if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+    raise InvalidFieldError(_id(record), "num_images", f"{count!r} is not a positive integer",
+                            "give the number of images the question is about (1, or 2 for image pairs)")
+  return count
+
+
+def _user(text: str, *, images: int = 1) -> dict:
+  return {"role": "user", "content": [{"type": "image"} for _ in range(images)] + [{"type": "text", "text": text}]}
+
+
+def _assistant(text: str) -> dict:
+  return {"role": "assistant", "content": text}
+
+
+def _field(record: Mapping, *names: str):
+  """The first of `names` the record gives (see `_given`), or a MissingFieldError naming the first."""
+  for name in names:
+    if _given(record.get(name)):
+      return record[name]
+  raise MissingFieldError(_id(record), names[0], "missing" + (f" (also looked for {', '.join(names[1:])})"
+                                                             if len(names) > 1 else ""),
+                          "add the field to the annotation, or drop the record")
+
+
+def _given(value) -> bool:
+  """Whether a field holds something: not None, NaN, "" or an empty sequence (stored features use these)."""
+  if value is None or (isinstance(value, str) and not value.strip()):
+    return False
+  if isinstance(value, numbers.Real) and not isinstance(value, bool):
+    return not math.isnan(value)
+  return not (hasattr(value, "__len__") and len(value) == 0)
+
+
+def _is_number(value) -> bool:
+  return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _id(record: Mapping) -> str:
+  return str(record.get("id", "?"))
