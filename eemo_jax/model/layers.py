@@ -26,17 +26,24 @@ def param(rngs: nnx.Rngs | None, init: Initializer, shape: Sequence[int], dtype,
 
 
 class Linear(nnx.Module):
-  """`y = x @ kernel + bias` with kernel stored `(in, out)` (the transpose of PyTorch's weight)."""
+  """`y = x @ kernel + bias` with kernel stored `(in, out)` (the transpose of PyTorch's weight).
+
+  `lora` is None unless `eemo_jax.model.lora.apply_lora` attaches an adapter, whose low-rank
+  update is then added to the output.
+  """
 
   def __init__(self, in_features: int, out_features: int, *, axes: tuple[str | None, str | None],
                use_bias: bool = True, param_dtype=jnp.float32, rngs: nnx.Rngs | None):
     self.kernel = param(rngs, _default_init, (in_features, out_features), param_dtype, axes)
     self.bias = param(rngs, nnx.initializers.zeros, (out_features,), param_dtype, axes[1:]) if use_bias else None
+    self.lora = nnx.data(None)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     y = jnp.dot(x, self.kernel[...].astype(x.dtype))
     if self.bias is not None:
       y = y + self.bias[...].astype(x.dtype)
+    if self.lora is not None:
+      y = y + self.lora(x)
     return y
 
 

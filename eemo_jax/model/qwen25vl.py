@@ -25,7 +25,9 @@ from eemo_jax.model.vision import VisionInputs, VisionTower, prepare_vision
 class ModelOutput:
   logits: jax.Array  # (batch, seq, vocab), or (batch, 1, vocab) with logits_for="last"
   last_hidden_state: jax.Array  # (batch, seq, hidden), after the final norm
-  hidden_states: jax.Array | None = None  # (layers, batch, seq, hidden), each decoder layer's output
+  # (layers, batch, seq, hidden), each decoder layer's output (before the final norm); or with
+  # hf_hidden_states=k, HF's `hidden_states[-k:]` (k, batch, seq, hidden), the last one normed
+  hidden_states: jax.Array | None = None
   cache: KVCache | None = None
 
 
@@ -92,11 +94,14 @@ class Qwen25VL(nnx.Module):
                position_ids=None, vision: VisionInputs | None = None, mm_token_type_ids=None,
                patch_budget: int | None = None, frame_budget: int | None = None,
                cache: KVCache | None = None, cache_index=0,
-               logits_for: str = "all", output_hidden_states: bool = False) -> ModelOutput:
+               logits_for: str = "all", output_hidden_states: bool = False,
+               hf_hidden_states: int = 0) -> ModelOutput:
     """Forward pass with HF argument names.
 
     With a `cache`, `attention_mask` covers the cache slots (batch, max_len) and the queries sit at
     slots `cache_index + arange(seq)`; without one it is the usual (batch, seq) padding mask.
+    `hf_hidden_states=k` puts the last k entries of transformers' `output_hidden_states=True` tuple
+    in `hidden_states`, without keeping every layer's output (the emotion head averages the last 4).
     """
     if pixel_values is not None and vision is None:
       prepared = prepare_inputs(self.config, input_ids, attention_mask, pixel_values, image_grid_thw,
@@ -125,7 +130,8 @@ class Qwen25VL(nnx.Module):
     cos, sin = mrope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, self.dtype)
     mask = causal_mask(attention_mask, cache_index + jnp.arange(l), attention_mask.shape[1])
     hidden, per_layer, cache = self.language_model(embeds, cos, sin, mask, cache=cache, cache_index=cache_index,
-                                                   output_hidden_states=output_hidden_states)
+                                                   output_hidden_states=output_hidden_states,
+                                                   hf_hidden_states=hf_hidden_states)
     head_in = hidden[:, -1:] if logits_for == "last" else hidden
     return ModelOutput(logits=self.logits(head_in), last_hidden_state=hidden, hidden_states=per_layer,
                        cache=cache)

@@ -84,18 +84,52 @@ class TextModel(nnx.Module):
     self.attention_impl = attention_impl
 
   def __call__(self, x, cos, sin, mask, *, cache: KVCache | None = None, cache_index=0,
-               output_hidden_states: bool = False):
+               output_hidden_states: bool = False, hf_hidden_states: int = 0):
     """x: (batch, seq, hidden) input embeddings; cos, sin: (batch, seq, head_dim); mask: (batch, 1, seq, kv_len).
 
-    Returns (normed final hidden, per-layer outputs (layers, batch, seq, hidden) or None, new cache).
+    Returns (normed final hidden, hidden states or None, new cache). The hidden states are every
+    layer's output (layers, batch, seq, hidden) with `output_hidden_states`, or with
+    `hf_hidden_states=k` the last k entries of HF's `hidden_states` (k, batch, seq, hidden): the
+    outputs of layers N-k+1 .. N-1 (the embeddings count as layer 0) and then the normed final
+    state. The emotion head needs only those; a (k-1)-slot scan carry keeps them, instead of one
+    activation per layer.
     """
     impl = self.attention_impl
+    n, k = self.config.num_hidden_layers, hf_hidden_states
+    if not 0 <= k <= n + 1:
+      raise ValueError(f"hf_hidden_states={k} must be between 0 and {n + 1} (HF lists the embeddings, "
+                       f"then the outputs of the {n} decoder layers, the last one normed)")
+    if k and output_hidden_states:
+      raise ValueError("pass either output_hidden_states (every layer) or hf_hidden_states (HF's last k), not both")
+    first = n + 1 - k  # HF index of the first kept entry; HF entry j > 0 is the output of layer j - 1
 
-    def body(layer, h, kv):
+    def body(layer, carry, xs):
+      h, tail = carry
+      kv, index = xs
       h, kv = layer(h, cos, sin, mask, kv, cache_index, impl)
-      return h, (kv, h if output_hidden_states else None)
+      if k > 1:
+        tail = _keep(tail, h, index + 1 - first)
+      return (h, tail), (kv, h if output_hidden_states else None)
 
-    xs = None if cache is None else (cache.k, cache.v)
-    x, (kv, hidden) = scan_layers(self.layers, body, x, xs, remat=self.remat)
+    tail = None
+    if k > 1:
+      tail = jnp.zeros((k - 1,) + x.shape, x.dtype)  # (k-1, batch, seq, hidden)
+      tail = _keep(tail, x, jnp.asarray(-first))  # the embeddings, when HF's first entry is kept
+    xs = (None if cache is None else (cache.k, cache.v), jnp.arange(n))
+    (x, tail), (kv, hidden) = scan_layers(self.layers, body, (x, tail), xs, remat=self.remat)
     new_cache = None if cache is None else KVCache(k=kv[0], v=kv[1])
-    return self.norm(x), hidden, new_cache
+    x = self.norm(x)
+    if k:
+      hidden = x[None] if tail is None else jnp.concatenate([tail, x[None]], axis=0)
+    return x, hidden, new_cache
+
+
+def _keep(tail: jax.Array, h: jax.Array, slot: jax.Array) -> jax.Array:
+  """tail[slot] = h when 0 <= slot < len(tail); otherwise the tail is left as it is.
+
+  One (batch, seq, hidden) slice is read and written per layer, in place in the scan carry.
+  """
+  i = jnp.clip(slot, 0, tail.shape[0] - 1)
+  current = jax.lax.dynamic_index_in_dim(tail, i, keepdims=False)
+  inside = (slot >= 0) & (slot < tail.shape[0])
+  return jax.lax.dynamic_update_index_in_dim(tail, jnp.where(inside, h, current), i, 0)
