@@ -104,13 +104,15 @@ def _weight_files(folder: str) -> list[str]:
     if missing:
       raise CheckpointError(f"{folder}: shards {missing} listed in model.safetensors.index.json are missing")
     return [os.path.join(folder, s) for s in shards]
-  files = sorted(n for n in names if n.endswith(".safetensors"))
+  # Without an index transformers reads model.safetensors only; other safetensors files beside it
+  # (e.g. emotion_head.safetensors, adapters) are not the backbone's.
+  files = sorted(n for n in names if n.startswith("model") and n.endswith(".safetensors"))
   if not files:
     if pickles:
       raise CheckpointError(f"{folder} holds only PyTorch pickles ({', '.join(sorted(pickles))}). EEmo-JAX reads "
                             "safetensors only (pickles can run code); convert with transformers: "
                             "`Model.from_pretrained(dir).save_pretrained(out_dir)`.")
-    raise CheckpointError(f"{folder} holds no *.safetensors weights")
+    raise CheckpointError(f"{folder} holds no model*.safetensors weights")
   return [os.path.join(folder, n) for n in files]
 
 

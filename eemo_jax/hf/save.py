@@ -48,6 +48,10 @@ def save_hf(model, out_dir: str, *, source_dir: str | None = None, dtype=None,
   """
   config: Qwen25VLConfig = model.config
   params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  adapters = sorted("/".join(map(str, path)) for path in params if "lora" in path)
+  if adapters:
+    raise ValueError(f"the model still has {len(adapters)} LoRA adapter tensors (e.g. {adapters[0]}), which an HF "
+                     "Qwen2.5-VL folder cannot hold; fold them in first with eemo_jax.model.lora.merge_lora(model)")
   embedding = _value(params[("language_model", "embed_tokens", "embedding")])
   out_dtype = jnp.dtype(dtype) if dtype is not None else embedding.dtype
   tensors = hf_tensors(config, params, out_dtype)

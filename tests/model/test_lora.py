@@ -137,6 +137,23 @@ def test_merged_export_loads_in_transformers_with_the_same_logits(checkpoint, in
   assert _valid_diff(torch_logits(exported.eval(), BATCH), unmerged) <= REF_TOL
 
 
+def test_export_with_unmerged_adapters_is_refused(checkpoint, tmp_path):
+  model, _ = _adapted(checkpoint[0], lora.LoraConfig.eemo_logic())
+  with pytest.raises(ValueError, match="merge_lora"):
+    save_hf(model, str(tmp_path))
+
+
+def test_head_file_beside_the_weights_does_not_disturb_loading(checkpoint, tmp_path):
+  """An export folder holds model.safetensors and emotion_head.safetensors; load_hf reads only the model's."""
+  import shutil
+  folder = str(tmp_path / "export")
+  shutil.copytree(checkpoint[0], folder)
+  from safetensors.numpy import save_file
+  save_file({"feature_projection.0.weight": np.ones((2, 2), np.float32)}, f"{folder}/emotion_head.safetensors")
+  np.testing.assert_array_equal(np.asarray(nnx.state(load_hf(folder))["lm_head"]["kernel"][...]),
+                                np.asarray(nnx.state(load_hf(checkpoint[0]))["lm_head"]["kernel"][...]))
+
+
 # ---------------------------------------------------------------------------- selection and filters
 def _expected_adapters(cfg, with_merger=True, names=None):
   """(in, out, layers) of every adapted Linear, from the architecture's sizes."""
