@@ -44,15 +44,20 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
 
 
 def causal_mask(attention_mask: jax.Array, q_slots: jax.Array, kv_len: int) -> jax.Array:
-  """Key j is visible to query i iff j <= slot(i) and key j is not padding.
+  """Key j is visible to query i iff j <= slot(i), key j is not padding, and both are in one segment.
 
-  attention_mask: (batch, kv_len) 1 for real tokens; q_slots: (q_len,) or (batch, q_len) cache slot
-  of each query. Returns (batch, 1, q_len, kv_len) bool.
+  attention_mask: (batch, kv_len) 0 for padding, else the token's segment id: 1 everywhere for plain
+  rows, 1, 2, 3, ... for the examples packed into a row (the data pipeline's packing). A padding
+  query (segment 0) sees every earlier real key, so with 0/1 masks this is the plain causal-padding
+  mask. q_slots: (q_len,) or (batch, q_len) cache slot of each query. Returns (batch, 1, q_len, kv_len) bool.
   """
   kv = jnp.arange(kv_len)
   q_slots = jnp.broadcast_to(q_slots, (attention_mask.shape[0],) + q_slots.shape[-1:])
   visible = kv[None, None, :] <= q_slots[:, :, None]  # (batch, q_len, kv_len)
-  return (visible & attention_mask[:, None, :].astype(bool))[:, None]
+  kv_segment = attention_mask[:, None, :]  # (batch, 1, kv_len)
+  q_segment = jnp.take_along_axis(attention_mask, jnp.clip(q_slots, 0, kv_len - 1), axis=1)[:, :, None]
+  same_segment = (kv_segment == q_segment) | (q_segment == 0)  # (batch, q_len, kv_len)
+  return (visible & (kv_segment != 0) & same_segment)[:, None]
 
 
 def segment_mask(segment_ids: jax.Array) -> jax.Array:

@@ -1,0 +1,402 @@
+"""Static-shape batches from a stream of tokenised examples: rows, padding, packing, the vision slot budget.
+
+Every batch has the same shapes (DESIGN decision 5), so a train step compiles once:
+
+  input_ids, attention_mask, labels  (batch, seq) int32   right-padded; labels IGNORE_INDEX off the answers
+  position_ids                       (3, batch, seq) int32  M-RoPE t/h/w per row (per example when packed)
+  rope_deltas                        (batch, 1) int32       the row's (last example's) M-RoPE delta
+  ces_label                          (batch,) int32         emotion class, IGNORE_INDEX when none
+  des_target, des_mask               (batch, DES_DIM) float32, (batch,) bool
+  vision                             VisionInputs over all images of the batch, in a fixed slot budget
+
+Rows are filled in stream order. An example that does not fit (no free row, too few tokens left in any
+row when packing, or its images overflow the batch's patch budget) ends the batch and opens the next
+one: nothing is reordered beyond that one carried example, and nothing that fits alone is dropped.
+
+Packing puts several examples in one row. `attention_mask` then holds segment ids (1, 2, 3, ... per
+example, 0 padding) and `causal_mask` keeps attention inside a segment; positions restart per example.
+Packed rows train the language-model loss only: a row holding several examples has no single emotion
+label, so its `ces_label` / `des_mask` are left empty.
+
+`BatchIterDataset` runs this in the main process after the per-example work (Grain workers), with a
+checkpointable state and counters of what was skipped, truncated or dropped.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import ml_dtypes
+import numpy as np
+
+from data_pipeline.errors import RecordError
+from data_pipeline.image_processor import CLIP_MEAN, CLIP_STD, _normalization_table
+from data_pipeline.prompts import IGNORE_INDEX
+from data_pipeline.records import DES_DIM
+from eemo_jax.model import positions
+from eemo_jax.model.config import VisionConfig
+from eemo_jax.model.vision import VisionInputs
+
+log = logging.getLogger("data_pipeline.pipeline")
+
+# Outcomes of the per-example work: usable ("ok", "truncated") or not: "skipped" (a bad record),
+# "dropped_overlong" / "dropped_images" (a good record whose text or images cannot fit the static shapes).
+USABLE = ("ok", "truncated")
+REJECTED = ("skipped", "dropped_overlong", "dropped_images")
+# pixel_values dtypes. bfloat16 values are the float32 ones rounded, exactly what a model computing in
+# bfloat16 makes of float32 pixel_values, at half the host work and transfer.
+PIXEL_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+_COUNTERS_KEY = "pipeline_counters"  # marks the batcher's entry in a (nested) Grain iterator state
+_MAX_MESSAGES = 8
+
+
+# --------------------------------------------------------------------------------------------------
+# Examples: what a worker hands to the batcher
+# --------------------------------------------------------------------------------------------------
+
+
+def example(record_id: str, *, input_ids, labels, position_ids, rope_delta: int, patches, image_grid_thw,
+            frame_slots, ces_label: int = IGNORE_INDEX, des_target=None, truncated: bool = False) -> dict[str, Any]:
+  """One tokenised example, as a dict of numpy arrays (Grain moves those through shared memory).
+
+  input_ids, labels: (n,) int32; position_ids: (3, n) int32; patches: (patches, C, P, P) uint8, the resized
+  images' patches in `pixel_values` row order, normalised only when the batch is assembled (an eighth of
+  the bytes of float32 pixel_values with their temporal copy to move between processes);
+  image_grid_thw: (images, 3); frame_slots: (frames,) slots each frame takes in the vision layout.
+  """
+  return {
+      "id": record_id, "outcome": "truncated" if truncated else "ok", "message": "",
+      "input_ids": np.asarray(input_ids, np.int32), "labels": np.asarray(labels, np.int32),
+      "position_ids": np.asarray(position_ids, np.int32), "rope_delta": int(rope_delta),
+      "patches": np.asarray(patches, np.uint8),
+      "image_grid_thw": np.asarray(image_grid_thw, np.int64).reshape(-1, 3),
+      "frame_slots": np.asarray(frame_slots, np.int64).reshape(-1), "ces_label": int(ces_label),
+      "des_target": np.zeros((DES_DIM,), np.float32) if des_target is None else np.asarray(des_target, np.float32),
+      "des_mask": des_target is not None,
+  }
+
+
+def rejected(record_id: str, outcome: str, message: str, error: RecordError | None = None) -> dict[str, Any]:
+  """An example that yields no row; `outcome` is one of `REJECTED` and names the counter it adds to."""
+  if outcome not in REJECTED:
+    raise ValueError(f"outcome must be one of {REJECTED}, got {outcome!r}")
+  fields = (error.field, error.problem, error.fix) if error is not None else ("", message, "")
+  return {"id": record_id, "outcome": outcome, "message": message, "error": fields}
+
+
+def bins_needed(frame_slots: Sequence[int], frame_budget: int) -> int | None:
+  """Attention bins the vision layout opens for these frames, in order (its next-fit packing).
+
+  None when a frame is larger than a bin. Mirrors `positions.vision_layout`, so a batch accepted here
+  always has a layout; `prepare_vision` checks it again.
+  """
+  bins, used = 0, frame_budget
+  for need in frame_slots:
+    if need > frame_budget:
+      return None
+    if used + need > frame_budget:
+      bins, used = bins + 1, 0
+    used += need
+  return bins
+
+
+# --------------------------------------------------------------------------------------------------
+# One batch
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchLayout:
+  """The static shapes of a batch and the vision geometry of the model it feeds."""
+
+  batch_size: int
+  seq_len: int
+  patch_budget: int  # S_pad, vision slots per batch
+  frame_budget: int  # F, slots per full-attention bin
+  pad_id: int
+  packing: bool = False
+  image_mean: tuple[float, ...] = CLIP_MEAN
+  image_std: tuple[float, ...] = CLIP_STD
+  pixel_dtype: str = "float32"  # or "bfloat16" (PIXEL_DTYPES)
+  patch_size: int = 14
+  temporal_patch_size: int = 2
+  merge_size: int = 2
+  window_size: int = 112
+
+  @property
+  def vision_config(self) -> VisionConfig:
+    return VisionConfig(patch_size=self.patch_size, temporal_patch_size=self.temporal_patch_size,
+                        spatial_merge_size=self.merge_size, window_size=self.window_size)
+
+  def fits_alone(self, frame_slots: Sequence[int]) -> bool:
+    """Whether an example's images fit an otherwise empty batch."""
+    bins = bins_needed(frame_slots, self.frame_budget)
+    return bins is not None and bins * self.frame_budget <= self.patch_budget
+
+
+class BatchBuilder:
+  """Rows being filled with examples, then assembled into one static-shape batch."""
+
+  def __init__(self, layout: BatchLayout):
+    self.layout = layout
+    self.rows: list[list[dict]] = []
+    self._used: list[int] = []  # tokens per row
+
+  def __len__(self) -> int:
+    return sum(len(row) for row in self.rows)
+
+  def add(self, item: dict) -> bool:
+    """Places `item` if it fits (a row with room, and all images within the budget); False otherwise."""
+    n = len(item["input_ids"])
+    row = self._row_for(n)
+    if row is None:
+      return False
+    rows = [list(r) for r in self.rows] + [[]] * (row == len(self.rows))
+    rows[row].append(item)
+    frames = [s for r in rows for ex in r for s in ex["frame_slots"]]  # row-major: the layout's order
+    bins = bins_needed(frames, self.layout.frame_budget)
+    if bins is None or bins * self.layout.frame_budget > self.layout.patch_budget:
+      return False
+    self.rows = rows
+    if row == len(self._used):
+      self._used.append(0)
+    self._used[row] += n
+    return True
+
+  def _row_for(self, n: int) -> int | None:
+    """First row with room for n tokens (packing), else the next empty row; None when the batch is full."""
+    if self.layout.packing:
+      for r, used in enumerate(self._used):
+        if used + n <= self.layout.seq_len:
+          return r
+    return len(self.rows) if len(self.rows) < self.layout.batch_size else None
+
+  def assemble(self) -> dict[str, Any]:
+    """The batch as numpy arrays (shapes in the module docstring)."""
+    lay = self.layout
+    b, length = lay.batch_size, lay.seq_len
+    batch = {
+        "input_ids": np.full((b, length), lay.pad_id, np.int32),
+        "attention_mask": np.zeros((b, length), np.int32),
+        "labels": np.full((b, length), IGNORE_INDEX, np.int32),
+        "position_ids": np.zeros((3, b, length), np.int32),
+        "rope_deltas": np.zeros((b, 1), np.int32),
+        "ces_label": np.full((b,), IGNORE_INDEX, np.int32),
+        "des_target": np.zeros((b, DES_DIM), np.float32),
+        "des_mask": np.zeros((b,), bool),
+    }
+    patches, grids = [], []
+    for r, row in enumerate(self.rows):
+      start = 0
+      for k, ex in enumerate(row):
+        span = slice(start, start + len(ex["input_ids"]))
+        batch["input_ids"][r, span] = ex["input_ids"]
+        batch["attention_mask"][r, span] = k + 1  # segment id; always 1 without packing
+        batch["labels"][r, span] = ex["labels"]
+        batch["position_ids"][:, r, span] = ex["position_ids"]
+        batch["rope_deltas"][r, 0] = ex["rope_delta"]
+        patches.append(ex["patches"])
+        grids.append(ex["image_grid_thw"])
+        start = span.stop
+      if len(row) == 1:  # one example, one emotion label (packed rows: LM loss only)
+        batch["ces_label"][r] = row[0]["ces_label"]
+        batch["des_target"][r] = row[0]["des_target"]
+        batch["des_mask"][r] = row[0]["des_mask"]
+    batch["vision"] = _vision_inputs(patches, grids, lay)
+    return batch
+
+
+def _vision_inputs(patches: list[np.ndarray], grids: list[np.ndarray], layout: BatchLayout) -> VisionInputs:
+  """`prepare_vision` from uint8 patches: normalised once, in raster order, then placed in their slots.
+
+  The same values as the image processor's `pixel_values` (one lookup table holds the exact float32
+  result of every uint8 level, `image_processor._normalization_table`) and as `prepare_vision`'s slots;
+  with pixel_dtype="bfloat16", those values rounded to bfloat16.
+  """
+  config = layout.vision_config
+  grid = np.concatenate(grids) if grids else np.zeros((0, 3), np.int64)
+  vision = positions.vision_layout(grid, patch_size=config.patch_size, spatial_merge_size=config.spatial_merge_size,
+                                   window_size=config.window_size, patch_budget=layout.patch_budget,
+                                   frame_budget=layout.frame_budget)
+  c, t, p = config.in_channels, config.temporal_patch_size, config.patch_size
+  raw = np.concatenate(patches) if patches else np.zeros((0, c, p, p), np.uint8)  # (S, C, P, P) raster order
+  if raw.shape[1:] != (c, p, p) or len(raw) != vision.num_patches:
+    raise ValueError(f"the images have patches of shape {raw.shape} but their grids {grid.tolist()} need "
+                     f"({vision.num_patches}, {c}, {p}, {p})")
+  dtype = PIXEL_DTYPES[layout.pixel_dtype]
+  table = _normalization_table(tuple(layout.image_mean), tuple(layout.image_std)).astype(dtype)  # (C, 256)
+  pixels = np.empty((len(raw), c, t, p, p), dtype)  # pixel_values rows: (channel, time, py, px)
+  for channel in range(c):
+    np.take(table[channel], raw[:, channel], out=pixels[:, channel, 0], mode="clip")
+  pixels[:, :, 1:] = pixels[:, :, :1]  # an image is one frame repeated over the temporal patch
+  slots = np.zeros((vision.patch_budget, config.patch_dim), dtype)  # (S_pad, patch_dim), padding zero
+  slots[vision.raster_slot[:len(raw)]] = pixels.reshape(len(raw), config.patch_dim)
+  return VisionInputs(pixel_values=slots, raster_slot=vision.raster_slot, window_segment_ids=vision.window_segment_ids,
+                      full_segment_ids=vision.full_segment_ids, rope_positions=vision.rope_positions)
+
+
+def empty_batch(layout: BatchLayout) -> dict[str, Any]:
+  """An all-padding batch: the exact structure, shapes and dtypes of every batch of this layout."""
+  return BatchBuilder(layout).assemble()
+
+
+# --------------------------------------------------------------------------------------------------
+# Counters
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Counters:
+  """What the pipeline did with the examples it read, for the training log (and checkpointed with it).
+
+  Fill fractions say how much of the static shapes is real data: `tokens / token_slots` and
+  `patches / patch_slots`.
+  """
+
+  examples: int = 0  # placed into batches (truncated ones included)
+  truncated: int = 0  # text cut at seq_len (overlong="truncate")
+  skipped: int = 0  # bad records (unreadable image, missing file, invalid fields)
+  dropped_overlong: int = 0  # text longer than seq_len with overlong="drop", or a cut would split an image
+  dropped_images: int = 0  # images that cannot fit the vision budget even in an empty batch
+  batches: int = 0
+  tokens: int = 0
+  token_slots: int = 0
+  patches: int = 0
+  patch_slots: int = 0
+  last_messages: list[str] = dataclasses.field(default_factory=list)  # the latest skip / drop messages
+
+  def note(self, message: str) -> None:
+    self.last_messages = (self.last_messages + [message])[-_MAX_MESSAGES:]
+
+  def to_state(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_state(cls, state: dict[str, Any]) -> Counters:
+    return cls(**{k: (list(v) if k == "last_messages" else int(v)) for k, v in state.items()})
+
+
+def find_counters(state: Any) -> Counters | None:
+  """The batcher's counters inside a (nested) Grain iterator state, or None."""
+  if isinstance(state, dict):
+    if _COUNTERS_KEY in state:
+      return Counters.from_state(state[_COUNTERS_KEY])
+    for value in state.values():
+      found = find_counters(value)
+      if found is not None:
+        return found
+  elif isinstance(state, (list, tuple)):
+    for value in state:
+      found = find_counters(value)
+      if found is not None:
+        return found
+  return None
+
+
+# --------------------------------------------------------------------------------------------------
+# The batching stage of the Grain pipeline
+# --------------------------------------------------------------------------------------------------
+
+
+class BatchIterDataset(grain.IterDataset):
+  """Per-example dicts (from `example` / `rejected`) -> static-shape batches, counting what is not used.
+
+  With `strict`, a skipped (bad) record raises its `RecordError` here, in the main process; dropped
+  (too large) examples are only counted. The last batch of a finite stream is padded to full shape.
+  """
+
+  def __init__(self, parent: grain.IterDataset, layout: BatchLayout, *, strict: bool = False):
+    super().__init__(parent)
+    self.layout = layout
+    self.strict = strict
+
+  def __iter__(self) -> _BatchIterator:
+    return _BatchIterator(self._parent.__iter__(), self.layout, self.strict)
+
+  def __str__(self) -> str:
+    return f"BatchIterDataset(batch_size={self.layout.batch_size}, seq_len={self.layout.seq_len})"
+
+
+class _BatchIterator(grain.DatasetIterator):
+  """Fills a `BatchBuilder` from the parent; checkpoint state = the parent's position before the first
+  example not yet in an emitted batch (the carried one), plus the counters up to there."""
+
+  def __init__(self, parent: grain.DatasetIterator, layout: BatchLayout, strict: bool):
+    super().__init__(parent)
+    self._layout = layout
+    self._strict = strict
+    self._counters = Counters()
+    self._carry: tuple[dict, Any] | None = None  # (example, parent state before it)
+    self._state = self._snapshot(self._parent.get_state())
+
+  def __next__(self) -> dict[str, Any]:
+    builder = BatchBuilder(self._layout)
+    while True:
+      if self._carry is not None:
+        item, before = self._carry
+        self._carry = None
+      else:
+        before = copy.deepcopy(self._parent.get_state())  # the live state moves on with next()
+        try:
+          item = next(self._parent)
+        except StopIteration:
+          break
+        if item["outcome"] not in USABLE:
+          self._reject(item)
+          continue
+      if not builder.add(item):
+        self._carry = (item, before)
+        break
+      self._count(item)
+    if not len(builder):  # the end: keep what was counted after the last batch
+      self._state = self._snapshot(self._parent.get_state())
+      raise StopIteration
+    batch = builder.assemble()
+    self._count_batch(batch)
+    resume = self._carry[1] if self._carry is not None else self._parent.get_state()
+    self._state = self._snapshot(resume)
+    return batch
+
+  def _reject(self, item: dict) -> None:
+    if item["outcome"] == "skipped":
+      if self._strict:
+        field, problem, fix = item["error"]
+        if field:
+          raise RecordError(item["id"], field, problem, fix)
+        raise RecordError(item["id"], "<record>", problem, "fix or remove the record (strict=True stops here)")
+    outcome = item["outcome"]
+    setattr(self._counters, outcome, getattr(self._counters, outcome) + 1)
+    self._counters.note(item["message"])
+    log.warning("%s record %s: %s", "skipping" if outcome == "skipped" else "dropping", item["id"], item["message"])
+
+  def _count(self, item: dict) -> None:
+    self._counters.examples += 1
+    self._counters.truncated += item["outcome"] == "truncated"
+    self._counters.tokens += len(item["input_ids"])
+    self._counters.patches += len(item["patches"])
+
+  def _count_batch(self, batch: dict) -> None:
+    self._counters.batches += 1
+    self._counters.token_slots += batch["input_ids"].size
+    self._counters.patch_slots += self._layout.patch_budget
+
+  def _snapshot(self, parent_state: Any) -> dict[str, Any]:
+    return {"parent": parent_state, _COUNTERS_KEY: self._counters.to_state()}
+
+  def get_state(self) -> dict[str, Any]:
+    return self._state
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._parent.set_state(state["parent"])
+    self._counters = Counters.from_state(state[_COUNTERS_KEY])
+    self._carry = None
+    self._state = self._snapshot(state["parent"])
+
+  @property
+  def counters(self) -> Counters:
+    return dataclasses.replace(self._counters, last_messages=list(self._counters.last_messages))
