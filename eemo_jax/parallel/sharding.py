@@ -35,6 +35,7 @@ DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
     ("act_batch", ("data", "fsdp")),
     ("act_seq", None),
     ("act_embed", None),
+    ("act_vision", ("data", "fsdp")),  # vision patch slots / attention groups of a batch's images
 )
 
 
