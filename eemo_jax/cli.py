@@ -14,7 +14,12 @@ COMMANDS = {
     "import-hf": ("eemo_jax.hf.convert", "HF folder -> Orbax checkpoint"),
     "export-hf": ("eemo_jax.hf.convert", "Orbax checkpoint -> HF folder (loads with transformers)"),
     "parity": ("eemo_jax.commands.parity", "per-component differences against transformers"),
+    "train": ("eemo_jax.commands.train", "run or resume an SFT run from a config (the same command on every host)"),
+    "aot": ("eemo_jax.commands.aot", "compile a config's train step for a TPU topology; per-device memory and cost"),
 }
+
+
+CONFIG_COMMANDS = ("train", "aot")  # take --config.key=value overrides
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,7 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser(name, help=help_text, description=help_text)
     if argv and argv[0] == name:  # only the chosen command's module is imported
       importlib.import_module(module).add_arguments(p, name)
-  args = parser.parse_args(argv)
+  args, extra = parser.parse_known_args(argv)
+  overrides = [a for a in extra if a.startswith("--config.")]
+  unknown = [a for a in extra if not a.startswith("--config.")]
+  if unknown or (overrides and args.command not in CONFIG_COMMANDS):
+    parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
+  args.overrides = overrides
   module = importlib.import_module(COMMANDS[args.command][0])
   return int(module.run(args) or 0)
 

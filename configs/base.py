@@ -1,0 +1,79 @@
+"""Defaults shared by every recipe in configs/; each recipe file changes what its paper says.
+
+Not a recipe itself. Sections map onto the library's config types:
+  model      which backbone (a preset, or a local HF folder) and how it computes
+  head       the EmoVerse emotion head (eemo_jax.model.heads.HeadConfig); kind "none" for plain SFT
+  lora       LoRA adapters (eemo_jax.model.lora.LoraConfig); rank 0 = no LoRA
+  trainable  what trains: freeze patterns, or only the last k text layers (+ the head), or only adapters
+  data       the Grain input pipeline (data_pipeline.pipeline.PipelineConfig), per JAX process
+  eval       the held-out split and how often to evaluate
+  optimizer  AdamW, warmup + cosine, clipping, gradient accumulation (eemo_jax.train.optimizer)
+  loss       weights of the LM, CES and DES objectives (eemo_jax.train.losses.LossConfig)
+  mesh       device mesh sizes over (data, fsdp, tensor); -1 takes the remaining devices
+  rules      logical axis -> mesh axis (eemo_jax.parallel.sharding.DEFAULT_RULES)
+  train      run directory, length, seeds, logging, checkpoints, export
+  aot        ahead-of-time compile target for `eemo-jax aot`
+"""
+
+import ml_collections
+
+from eemo_jax.parallel.sharding import DEFAULT_RULES
+
+
+def get_config(arg=None) -> ml_collections.ConfigDict:
+  del arg
+  c = ml_collections.ConfigDict()
+  c.model = dict(
+      preset="tiny",  # eemo_jax.model.config presets: tiny, small, qwen25vl_3b, qwen25vl_7b (random init)
+      hf_dir="",  # a local Qwen2.5-VL folder: its weights, config and tokenizer (overrides preset)
+      dtype="bfloat16",  # compute dtype; parameters stay float32 master weights
+      param_dtype="float32",
+      remat="dots",  # none | full | dots | dots_no_batch
+      attention="xla",  # xla | cudnn (GPU)
+  )
+  c.head = dict(
+      kind="none",  # none | pooled (the authors' ClassifyModelImprove) | token ([EMO]-token EmotionHead)
+      des_dim=0,  # 0: the authors' width (pooled: hidden/2, token: 1024)
+      num_attention_heads=8,
+      classifier_hidden=512,
+      projection_dropout=0.1,
+      attention_dropout=0.1,
+      classifier_dropout=0.2,
+      num_hidden_layers_mean=4,
+      mask_padding=True,
+  )
+  c.lora = dict(rank=0, alpha=64.0, dropout=0.05, targets=("all-linear",), exclude=("lm_head", "*embed*"))
+  c.trainable = dict(
+      freeze=(),  # parameter-path regexes to freeze, e.g. ("visual/(patch_embed|blocks)/.*",)
+      last_text_layers=0,  # k > 0: only the last k decoder layers train (plus the head)
+      adapters_only=False,  # True: only LoRA adapters (and the head) train
+  )
+  c.data = dict(
+      dataset="synthetic", data_dir="", split="train", dataset_config="emoverse", tokenizer_dir="",
+      image_root="", task="emoverse_ces", seq_len=1024, patch_budget=0, frame_budget=0,
+      min_pixels=3136, max_pixels=200704, shuffle=True, worker_count=0, worker_buffer_size=4, read_threads=4,
+      prefetch=2, overlong="truncate", packing=False, strict=False,
+  )
+  c.eval = dict(split="test", every=0, batches=8)  # every 0: only at the end
+  c.optimizer = dict(learning_rate=1e-5, warmup_ratio=0.03, end_learning_rate=0.0, b1=0.9, b2=0.999, eps=1e-8,
+                     weight_decay=0.0, max_grad_norm=1.0, accum_steps=1)
+  c.loss = dict(lm_weight=1.0, ces_weight=0.0, des_weight=0.0, des_kind="cosine", chunk_size=1024)
+  c.mesh = dict(data=1, fsdp=-1, tensor=1)
+  c.rules = tuple(DEFAULT_RULES)
+  c.train = dict(
+      run_dir="runs/default",  # local path or a bucket path (gs://...) shared by every host
+      global_batch_size=8,  # examples per optimizer update over all hosts = per-process rows x accum x hosts
+      epochs=1.0,
+      steps=0,  # > 0 overrides epochs
+      seed=0,
+      log_every=10,
+      checkpoint_every=500,
+      keep_checkpoints=3,
+      async_checkpoints=True,
+      export_dir="",  # at the end: an HF folder (LoRA merged) + the head's safetensors
+      peak_flops=0.0,  # per-device peak FLOP/s for MFU; 0: the vendor figure of known TPUs/GPUs
+  )
+  c.aot = dict(topology="v5e:4x4", batch_size=0)  # batch_size 0: global_batch_size / accum_steps
+  c = ml_collections.ConfigDict(c)
+  c.lock()  # recipes change existing fields only, so a typo in a recipe fails too
+  return c

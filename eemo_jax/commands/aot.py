@@ -1,0 +1,175 @@
+"""`eemo-jax aot --config configs/X.py --topology v5e:4x4`: will the real train step fit on that slice?
+
+Compiles the config's SFT step (model, head, LoRA, freezing, optimizer, batch shapes and shardings
+exactly as `eemo-jax train` builds them) for a TPU topology on this machine, with libtpu and no TPU,
+and prints per-device memory against the chip's HBM and the compiler's cost estimate. Nothing is
+allocated: the train state and the batch are abstract. Needs the `tpu` extra (`pip install
+'eemo-jax[tpu]'`, which pins the libtpu matching jax).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+
+# HBM per chip, bytes (vendor figures).
+HBM_BYTES = {"TPU v4": 32 * 2**30, "TPU v5 lite": 16 * 2**30, "TPU v5e": 16 * 2**30, "TPU v5": 95 * 2**30,
+             "TPU v5p": 95 * 2**30, "TPU v6 lite": 32 * 2**30, "TPU v6e": 32 * 2**30}
+
+
+def add_arguments(parser, name):
+  del name
+  parser.add_argument("--config", required=True, metavar="FILE[:ARG]", help="an experiment config in configs/")
+  parser.add_argument("--topology", default=None,
+                      help="TPU topology, e.g. v5e:4x4, v5p:2x2x2, v4:2x2x1 (default: the config's aot.topology)")
+  parser.epilog = "Override config fields with --config.section.key=value (e.g. --config.mesh.tensor=2)."
+
+
+@dataclasses.dataclass
+class AotReport:
+  topology: str
+  device_kind: str
+  num_devices: int
+  mesh: dict[str, int]
+  argument_bytes: int
+  output_bytes: int
+  alias_bytes: int
+  temp_bytes: int
+  code_bytes: int
+  hbm_bytes: int | None
+  compiler_flops: float | None
+  analytic_flops: float | None
+  compile_seconds: float
+
+  @property
+  def total_bytes(self) -> int:
+    """Live bytes per device at the step's peak: inputs + outputs not aliased to inputs + temporaries."""
+    return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + self.code_bytes
+
+  @property
+  def fits(self) -> bool | None:
+    return None if self.hbm_bytes is None else self.total_bytes <= self.hbm_bytes
+
+
+def _prepare_libtpu_environment() -> None:
+  """libtpu on a machine without TPUs: skip the metadata server and the single-process lock file."""
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+
+def topology_devices(topology: str):
+  _prepare_libtpu_environment()
+  try:
+    from jax.experimental import topologies
+    return topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
+  except Exception as error:  # missing libtpu, or a topology name libtpu does not know
+    message = str(error).splitlines()[0] if str(error) else type(error).__name__
+    raise RuntimeError(f"cannot describe TPU topology {topology!r}: {message}. Install the tpu extra "
+                       "(pip install -e '.[tpu]', which pins libtpu for this jax) and use a name such as "
+                       "v5e:4x4, v5p:2x2x2 or v4:2x2x1") from None
+
+
+def compile_for_topology(config, topology: str) -> AotReport:
+  import jax
+  from flax import nnx
+
+  from data_pipeline.pipeline import abstract_batch, to_train_batch
+  from eemo_jax.parallel.sharding import make_mesh
+  from eemo_jax.train import run as runlib
+  from eemo_jax.train.optimizer import make_optimizer
+  from eemo_jax.train.state import abstract_train_state
+  from eemo_jax.train.step import jit_train_step, make_train_step
+
+  devices = topology_devices(topology)
+  mesh = make_mesh(dict(config.mesh.items()), devices=devices)
+  rules = tuple(tuple(r) for r in config.rules)
+  tokenizer = _tokenizer(config)
+  arch = runlib.model_config(config, tokenizer) if tokenizer is not None else _preset_or_folder(config)
+  head_cfg = runlib.head_config(config, arch, tokenizer) if config.head.kind != "token" or tokenizer else None
+  trainable = runlib.trainable_set(config, head_cfg is not None)
+  optimizer = make_optimizer(runlib.optimizer_settings(config, total_steps=1000))
+  pcfg = runlib.pipeline_config(config, arch)
+  if config.aot.batch_size:
+    pcfg = dataclasses.replace(pcfg, batch_size=int(config.aot.batch_size))
+  with jax.set_mesh(mesh):
+    graphdef, state = abstract_train_state(lambda: runlib.build_model(config, arch, head_cfg), optimizer, mesh,
+                                           rules, trainable=trainable, seed=config.train.seed)
+    batch = to_train_batch(abstract_batch(pcfg, tokenizer))
+    step = make_train_step(graphdef, optimizer, trainable=trainable, loss_config=runlib.loss_settings(config),
+                           forward=runlib.sft_forward, mesh=mesh, rules=rules)
+    started = time.time()
+    compiled = jit_train_step(step, state, batch, mesh, rules).lower(state, batch).compile()
+    seconds = time.time() - started
+  memory = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  kind = devices[0].device_kind
+  del nnx
+  return AotReport(
+      topology=topology, device_kind=kind, num_devices=len(devices), mesh=dict(mesh.shape),
+      argument_bytes=int(memory.argument_size_in_bytes), output_bytes=int(memory.output_size_in_bytes),
+      alias_bytes=int(memory.alias_size_in_bytes), temp_bytes=int(memory.temp_size_in_bytes),
+      code_bytes=int(memory.generated_code_size_in_bytes),
+      hbm_bytes=next((v for k, v in HBM_BYTES.items() if kind == k), None),
+      compiler_flops=float(cost.get("flops", 0.0)) if cost else None,
+      analytic_flops=runlib.step_flops(arch, head_cfg, batch, config), compile_seconds=seconds)
+
+
+def _tokenizer(config):
+  folder = config.data.tokenizer_dir or config.model.hf_dir
+  if not folder:
+    return None
+  from data_pipeline.tokenizer import load_tokenizer
+  return load_tokenizer(folder)
+
+
+def _preset_or_folder(config):
+  from eemo_jax.model.config import preset
+  if config.model.hf_dir:
+    from eemo_jax.hf.load import read_config
+    return read_config(config.model.hf_dir)
+  return preset(config.model.preset)
+
+
+def _gib(n: int) -> str:
+  return f"{n / 2**30:.2f} GiB"
+
+
+def describe(report: AotReport) -> str:
+  lines = [
+      f"topology {report.topology}: {report.num_devices} x {report.device_kind}, mesh {report.mesh}",
+      f"compiled in {report.compile_seconds:.1f} s",
+      "per device:",
+      f"  arguments    {_gib(report.argument_bytes)}  (train state shard + batch shard)",
+      f"  outputs      {_gib(report.output_bytes)}  ({_gib(report.alias_bytes)} aliased to donated arguments)",
+      f"  temporaries  {_gib(report.temp_bytes)}",
+      f"  code         {_gib(report.code_bytes)}",
+      f"  total        {_gib(report.total_bytes)}"
+      + (f"  of {_gib(report.hbm_bytes)} HBM -> {'fits' if report.fits else 'DOES NOT FIT'}"
+         f" ({100 * report.total_bytes / report.hbm_bytes:.0f}%)" if report.hbm_bytes else "  (HBM of this chip unknown)"),
+  ]
+  if report.analytic_flops:
+    lines.append(f"step FLOPs    {report.analytic_flops:.3e} (analytic, all devices; "
+                 f"{report.analytic_flops / report.num_devices:.3e} per device)")
+  if report.compiler_flops:
+    lines.append(f"compiler cost {report.compiler_flops:.3e} FLOPs per device (XLA counts each scanned layer once)")
+  return "\n".join(lines)
+
+
+def run(args) -> int:
+  from eemo_jax.config import ConfigError, load_config
+  try:
+    config = load_config(args.config, args.overrides)
+  except ConfigError as error:
+    print(f"eemo-jax aot: {error}", file=sys.stderr)
+    return 2
+  topology = args.topology or config.aot.topology
+  try:
+    report = compile_for_topology(config, topology)
+  except RuntimeError as error:
+    print(f"eemo-jax aot: {error}", file=sys.stderr)
+    return 2
+  print(describe(report))
+  return 0 if report.fits is not False else 1

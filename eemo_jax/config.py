@@ -1,0 +1,108 @@
+"""Experiment configs: ml_collections `get_config(arg)` files, locked, with `--config.key=value` overrides.
+
+    cfg = load_config("configs/tiny_demo.py")                  # or "configs/x.py:arg" for get_config(arg)
+    cfg = load_config("configs/tiny_demo.py", ["--config.optimizer.learning_rate=3e-4", "--config.mesh.fsdp=8"])
+
+The config is locked after `get_config` returns, so a typo in a file or an override fails, naming
+the closest valid keys instead of silently adding a field. Override values are parsed by the type of
+the field they replace (bool, int, float, str, tuples/lists as Python literals).
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import os
+from collections.abc import Sequence
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A config file or override the user must fix; the message says how."""
+
+
+def load_module(path: str):
+  if not os.path.isfile(path):
+    raise ConfigError(f"config file {path!r} not found; configs live in configs/ (e.g. configs/tiny_demo.py)")
+  name = "eemo_config_" + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"{path} has no get_config(arg=None) function")
+  return module
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """`spec` is `path` or `path:arg`; `overrides` are `--config.a.b=value` (or `a.b=value`) strings."""
+  path, _, arg = spec.partition(":")
+  module = load_module(path)
+  config = module.get_config(arg) if arg else module.get_config()
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f"{path}: get_config must return an ml_collections.ConfigDict, got {type(config).__name__}")
+  config.lock()
+  for item in overrides:
+    apply_override(config, item)
+  return config
+
+
+def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
+  text = item[len("--config."):] if item.startswith("--config.") else item
+  key, sep, raw = text.partition("=")
+  if not sep or not key:
+    raise ConfigError(f"override {item!r} must look like --config.section.key=value")
+  parts = key.split(".")
+  node = config
+  for depth, part in enumerate(parts):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      here = ".".join(parts[:depth]) or "config"
+      valid = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+      close = difflib.get_close_matches(part, valid, n=3)
+      hint = f" Did you mean {', '.join(close)}?" if close else ""
+      raise ConfigError(f"unknown config key {key!r}: {here} has no field {part!r}.{hint} "
+                        f"Valid keys of {here}: {', '.join(valid)}")
+    if depth < len(parts) - 1:
+      node = node[part]
+  last = parts[-1]
+  node[last] = parse_value(raw, node[last], key)
+
+
+def parse_value(raw: str, current, key: str):
+  """The override text as the type of the value it replaces."""
+  if isinstance(current, ml_collections.ConfigDict):
+    raise ConfigError(f"{key} is a section; override its fields (e.g. --config.{key}.{next(iter(current.keys()))}=...)")
+  if isinstance(current, bool):
+    lowered = raw.strip().lower()
+    if lowered in ("true", "1", "yes"):
+      return True
+    if lowered in ("false", "0", "no"):
+      return False
+    raise ConfigError(f"{key} is a bool; use true or false, not {raw!r}")
+  if isinstance(current, int):
+    try:
+      return int(raw)
+    except ValueError:
+      raise ConfigError(f"{key} is an int; {raw!r} is not one") from None
+  if isinstance(current, float):
+    try:
+      return float(raw)
+    except ValueError:
+      raise ConfigError(f"{key} is a float; {raw!r} is not one") from None
+  if isinstance(current, str):
+    return raw
+  if isinstance(current, (tuple, list)) or current is None:
+    try:
+      value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+      if current is None:
+        return raw
+      raise ConfigError(f"{key} is a {type(current).__name__}; give a Python literal such as "
+                        f"\"('a', 'b')\", not {raw!r}") from None
+    if isinstance(current, tuple) and isinstance(value, list):
+      value = tuple(value)
+    if isinstance(current, tuple) and isinstance(value, str):
+      value = (value,)
+    return value
+  raise ConfigError(f"{key} holds a {type(current).__name__}, which cannot be overridden from the command line")

@@ -1,0 +1,378 @@
+"""An SFT run from an experiment config: model, data, sharded train state, the loop, checkpoints, export.
+
+    config = eemo_jax.config.load_config("configs/tiny_demo.py", overrides)
+    summary = train(config)
+
+Every host runs the same program (see launch/). The run directory holds `config.json`, `metrics.jsonl`,
+`tensorboard/`, `checkpoints/` and, at the end, the export. A run directory that already has a
+checkpoint resumes from it: the state is restored into the current mesh's shardings (the mesh may
+differ from the one that saved it) and the data iterator continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from eemo_jax.model.config import Qwen25VLConfig, preset
+from eemo_jax.model.heads import EmotionHead, HeadConfig
+from eemo_jax.model.lora import LoraConfig, LoraParam, apply_lora
+from eemo_jax.model.qwen25vl import Qwen25VL
+from eemo_jax.parallel.sharding import make_mesh
+from eemo_jax.train import freeze, losses
+from eemo_jax.train.checkpointing import RunCheckpoints
+from eemo_jax.train.flops import train_step_flops
+from eemo_jax.train.metrics import MetricsWriter, ProgressLine
+from eemo_jax.train.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
+from eemo_jax.train.state import abstract_train_state, create_train_state
+from eemo_jax.train.step import (Batch, ForwardOutput, emotion_forward, jit_eval_step, jit_train_step, lm_forward,
+                                 make_eval_step, make_train_step, reseed_dropout)
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss became NaN or inf; the run stopped without saving that state."""
+
+
+# Peak dense bf16 FLOP/s per device, for MFU (vendor figures). Other devices: `train.peak_flops`.
+PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12,
+              "TPU v6e": 918e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12}
+
+
+# --------------------------------------------------------------------------------------------------
+# Building the pieces from the config
+# --------------------------------------------------------------------------------------------------
+
+
+def model_config(config, tokenizer) -> Qwen25VLConfig:
+  """The architecture: from the HF folder, or a preset whose vocabulary and special ids follow the tokenizer
+  (a randomly initialised preset must agree with the tokenizer it will be fed)."""
+  if config.model.hf_dir:
+    from eemo_jax.hf.load import read_config
+    return read_config(config.model.hf_dir)
+  arch = preset(config.model.preset)
+  special = tokenizer.special
+  text = dataclasses.replace(arch.text, vocab_size=max(arch.text.vocab_size, tokenizer.vocab_size))
+  return dataclasses.replace(arch, text=text, image_token_id=special.image_pad, video_token_id=special.video_pad,
+                             vision_start_token_id=special.vision_start, vision_end_token_id=special.vision_end,
+                             eos_token_id=special.im_end, pad_token_id=special.endoftext)
+
+
+def head_config(config, arch: Qwen25VLConfig, tokenizer) -> HeadConfig | None:
+  h = config.head
+  if h.kind == "none":
+    return None
+  hidden = arch.text.hidden_size
+  common = dict(num_attention_heads=h.num_attention_heads, projection_dropout=h.projection_dropout,
+                attention_dropout=h.attention_dropout, classifier_dropout=h.classifier_dropout)
+  if h.kind == "pooled":
+    extra = dict(des_dim=h.des_dim) if h.des_dim else {}
+    return HeadConfig.pooled(hidden, classifier_hidden=h.classifier_hidden, mask_padding=h.mask_padding,
+                             num_hidden_layers_mean=h.num_hidden_layers_mean, **common, **extra)
+  if h.kind == "token":
+    from data_pipeline.tasks import DES_MARKER
+    emo_id = tokenizer.encode(DES_MARKER)[-1]
+    extra = dict(des_dim=h.des_dim) if h.des_dim else {}
+    return HeadConfig.token(hidden, emo_id, **extra)
+  raise ValueError(f"head.kind {h.kind!r} is unknown; use none, pooled or token")
+
+
+class EmotionSFTModel(nnx.Module):
+  """The trained module: the backbone and, optionally, the emotion head (paths `backbone/...`, `head/...`)."""
+
+  def __init__(self, backbone: Qwen25VL, head: EmotionHead | None):
+    self.backbone = backbone
+    self.head = head
+
+
+def build_model(config, arch: Qwen25VLConfig, head_cfg: HeadConfig | None, *, backbone: Qwen25VL | None = None,
+                mesh=None) -> EmotionSFTModel:
+  """Backbone (given, e.g. loaded from HF, or random), head and LoRA adapters. Traceable when backbone is None."""
+  seed = int(config.train.seed)
+  if backbone is None:
+    backbone = Qwen25VL(arch, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
+                        remat=config.model.remat, attention_impl=config.model.attention, rngs=nnx.Rngs(seed))
+  head = None
+  if head_cfg is not None:
+    head = EmotionHead(head_cfg, rngs=nnx.Rngs(params=seed + 1, dropout=seed + 2))
+  model = EmotionSFTModel(backbone, head)
+  if config.lora.rank:
+    lora = LoraConfig(rank=config.lora.rank, alpha=config.lora.alpha, dropout=config.lora.dropout,
+                      targets=tuple(config.lora.targets), exclude=tuple(config.lora.exclude))
+    apply_lora(model.backbone, lora, nnx.Rngs(seed + 3), mesh=mesh)
+  return model
+
+
+def _in_model(pattern: str) -> str:
+  """Config patterns name backbone paths as in HF-style modules (`visual/...`, `language_model/...`) or
+  `head/...`; in the trained module the backbone sits under `backbone/`."""
+  return pattern if pattern.startswith(("head/", "backbone/")) else f"backbone/{pattern}"
+
+
+def trainable_set(config, has_head: bool) -> freeze.Trainable:
+  t = config.trainable
+  head = ("head/.*",) if has_head else ()
+  frozen = freeze.paths(*map(_in_model, t.freeze)) if t.freeze else nnx.Nothing
+  if t.adapters_only:
+    return freeze.Trainable(include=nnx.Any(LoraParam, *(freeze.paths(h) for h in head)), exclude=frozen)
+  if t.last_text_layers:
+    layers = _in_model(freeze.TEXT_LAYERS)
+    return freeze.Trainable(include=freeze.paths(layers, *head), exclude=frozen,
+                            last_layers=((layers, int(t.last_text_layers)),))
+  return freeze.Trainable(exclude=frozen)
+
+
+def sft_forward(model: EmotionSFTModel, batch: Batch, rng: jax.Array) -> ForwardOutput:
+  """The backbone alone, or backbone + emotion head; dropout masks (head, LoRA) from the step's key."""
+  if model.head is None:
+    reseed_dropout(model, rng)
+    return lm_forward(model.backbone, batch, rng)
+  return emotion_forward(model, batch, rng)
+
+
+def step_flops(arch: Qwen25VLConfig, head_cfg: HeadConfig | None, batch_spec: Batch, config) -> float:
+  """Analytic FLOPs of one optimizer step, for MFU: text exact from the batch shapes; the images
+  counted as one square image per row filling the row's share of the patch budget."""
+  accum, rows, seq = batch_spec.input_ids.shape  # (microbatches, rows, seq)
+  grids = ()
+  if batch_spec.vision is not None:
+    slots = batch_spec.vision.pixel_values.shape[-2] // rows  # patches per row
+    side = max(arch.vision.spatial_merge_size, int(math.isqrt(slots)) // 2 * 2)
+    grids = [(1, side, side)] * (rows * accum)
+  return train_step_flops(arch, batch=rows * accum, seq_len=seq, image_grid_thw=grids, head_config=head_cfg,
+                          remat=config.model.remat, lm_loss=bool(config.loss.lm_weight))
+
+
+def pipeline_config(config, arch: Qwen25VLConfig, *, split: str | None = None, eval_mode: bool = False):
+  from data_pipeline.pipeline import PipelineConfig
+  d, t = config.data, config.train
+  accum = 1 if eval_mode else int(config.optimizer.accum_steps)
+  per_process, rest = divmod(int(t.global_batch_size), accum * jax.process_count())
+  if rest or per_process < 1:
+    raise ValueError(f"train.global_batch_size {t.global_batch_size} must be a multiple of optimizer.accum_steps "
+                     f"({accum}) x JAX processes ({jax.process_count()})")
+  v = arch.vision
+  fields = dict(d.items())
+  fields.update(batch_size=per_process, patch_budget=d.patch_budget or None, frame_budget=d.frame_budget or None,
+                seed=int(t.seed), num_epochs=1 if eval_mode else None, microbatches=0 if eval_mode else accum,
+                patch_size=v.patch_size, temporal_patch_size=v.temporal_patch_size, merge_size=v.spatial_merge_size,
+                window_size=v.window_size)
+  if split:
+    fields.update(split=split, shuffle=False)
+  return PipelineConfig(**fields)
+
+
+def optimizer_settings(config, total_steps: int) -> OptimizerConfig:
+  o = config.optimizer
+  return OptimizerConfig(learning_rate=o.learning_rate, warmup_steps=int(round(o.warmup_ratio * total_steps)),
+                         total_steps=total_steps, end_learning_rate=o.end_learning_rate, b1=o.b1, b2=o.b2,
+                         eps=o.eps, weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm or None,
+                         accum_steps=int(o.accum_steps))
+
+
+def loss_settings(config) -> losses.LossConfig:
+  return losses.LossConfig(**dict(config.loss.items()))
+
+
+# --------------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class RunSummary:
+  run_dir: str
+  steps: int
+  resumed_from: int | None
+  final_metrics: dict[str, float]
+  eval_metrics: dict[str, float]
+  export_dir: str | None
+  seconds: float
+
+
+def _host_metrics(metrics) -> dict[str, float]:
+  return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def evaluate(eval_step, state, config, arch, tokenizer, mesh, *, source=None) -> dict[str, float]:
+  """Loss, token accuracy and CES accuracy over up to `eval.batches` batches of the held-out split."""
+  from data_pipeline.pipeline import make_iterator, to_train_batch
+  pcfg = pipeline_config(config, arch, split=config.eval.split, eval_mode=True)
+  iterator = make_iterator(pcfg, mesh=mesh, tokenizer=tokenizer, source=source)
+  total = None
+  for index, batch in enumerate(iterator):
+    if index >= config.eval.batches:
+      break
+    sums = eval_step(state, to_train_batch(batch))
+    total = sums if total is None else total + sums
+  if total is None:
+    return {}
+  return _host_metrics(losses.metrics_from_sums(total, loss_settings(config)))
+
+
+def train(config, *, tokenizer=None, train_source=None, eval_source=None, progress_stream=None,
+          on_step: Callable[[int, dict], None] | None = None) -> RunSummary:
+  """Runs (or resumes) the SFT run the config describes. `*_source` replace the built data sets (tests)."""
+  from data_pipeline.pipeline import abstract_batch, make_iterator, to_train_batch
+  from data_pipeline.tokenizer import load_tokenizer
+
+  started = time.time()
+  t = config.train
+  run_dir = t.run_dir
+  is_main = jax.process_index() == 0
+  if is_main:
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  tokenizer_dir = config.data.tokenizer_dir or config.model.hf_dir
+  if tokenizer is None:
+    if not tokenizer_dir:
+      raise ValueError("no tokenizer: set data.tokenizer_dir (or model.hf_dir, whose tokenizer is used)")
+    tokenizer = load_tokenizer(tokenizer_dir)
+  arch = model_config(config, tokenizer)
+  head_cfg = head_config(config, arch, tokenizer)
+  mesh = make_mesh(dict(config.mesh.items()))
+  rules = tuple(tuple(r) for r in config.rules)
+  trainable = trainable_set(config, head_cfg is not None)
+  pcfg = dataclasses.replace(pipeline_config(config, arch), tokenizer_dir=tokenizer_dir)
+
+  # Length of the run.
+  if t.steps:
+    total_steps = int(t.steps)
+  else:
+    from data_pipeline.pipeline import load_source
+    examples = len(train_source) if train_source is not None else len(load_source(pcfg))
+    total_steps = max(1, math.ceil(float(t.epochs) * examples / int(t.global_batch_size)))
+  opt_cfg = optimizer_settings(config, total_steps)
+  optimizer = make_optimizer(opt_cfg)
+  schedule = learning_rate_schedule(opt_cfg)
+
+  checkpoints = RunCheckpoints(run_dir, save_every=t.checkpoint_every, keep=t.keep_checkpoints,
+                               async_save=t.async_checkpoints)
+  data = make_iterator(pcfg, mesh=mesh, tokenizer=tokenizer, model_config=arch, source=train_source)
+  resumed_from = checkpoints.latest_step()
+  with jax.set_mesh(mesh):
+    factory = lambda: build_model(config, arch, head_cfg)  # noqa: E731
+    if resumed_from is not None:
+      graphdef, abstract = abstract_train_state(factory, optimizer, mesh, rules, trainable=trainable, seed=t.seed)
+      _, state = checkpoints.restore(abstract, data)
+    elif config.model.hf_dir:
+      from eemo_jax.hf.load import load_hf
+      backbone = load_hf(config.model.hf_dir, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
+                         mesh=mesh, rules=rules, remat=config.model.remat, attention_impl=config.model.attention)
+      model = build_model(config, arch, head_cfg, backbone=backbone, mesh=mesh)
+      graphdef, state = create_train_state(model, optimizer, mesh, rules, trainable=trainable, seed=t.seed)
+    else:
+      graphdef, state = create_train_state(factory, optimizer, mesh, rules, trainable=trainable, seed=t.seed)
+
+    batch_spec = to_train_batch(abstract_batch(pcfg, tokenizer))
+    step_fn = jit_train_step(make_train_step(graphdef, optimizer, trainable=trainable,
+                                             loss_config=loss_settings(config), schedule=schedule,
+                                             forward=sft_forward, mesh=mesh, rules=rules),
+                             state, batch_spec, mesh, rules)
+    eval_fn = None
+    if config.eval.batches:
+      eval_spec = to_train_batch(abstract_batch(pipeline_config(config, arch, split=config.eval.split,
+                                                                eval_mode=True), tokenizer))
+      eval_fn = jit_eval_step(make_eval_step(graphdef, loss_config=loss_settings(config), forward=sft_forward,
+                                             mesh=mesh, rules=rules), state, eval_spec, mesh, rules)
+
+    flops = step_flops(arch, head_cfg, batch_spec, config)
+    peak = _peak_flops(config) * jax.device_count()
+    writer = MetricsWriter(run_dir, enabled=is_main)
+    progress = ProgressLine(total_steps, stream=progress_stream, every=t.log_every)
+    start = int(jax.device_get(state.step))
+    if resumed_from is not None:
+      progress.message(f"resumed {run_dir} at step {start} (checkpoint {resumed_from})")
+    last, eval_metrics = {}, {}
+    window_start = time.time()
+    tokens_per_step = math.prod(batch_spec.input_ids.shape)  # processed (padded) tokens of all microbatches
+    last_logged = start
+    try:
+      for step in range(start + 1, total_steps + 1):
+        batch = to_train_batch(next(data))
+        state, metrics = step_fn(state, batch)
+        metrics = _host_metrics(metrics)
+        if not math.isfinite(metrics["loss"]):
+          checkpoints.wait()
+          raise NonFiniteLossError(
+              f"loss is {metrics['loss']} at step {step} (the run's batch #{step}, data iterator state "
+              f"{_short_state(data)}); the state was not saved: the last good checkpoint is step "
+              f"{checkpoints.latest_step()}. Lower optimizer.learning_rate or check that batch's records.")
+        if step % t.log_every == 0 or step == total_steps:
+          seconds = max(time.time() - window_start, 1e-9)
+          metrics["tokens_per_s"] = tokens_per_step * (step - last_logged) / seconds
+          if peak and flops:
+            metrics["mfu"] = flops * (step - last_logged) / seconds / peak
+          window_start, last_logged = time.time(), step
+          progress.update(step, {k: metrics[k] for k in _SHOWN if k in metrics})
+        writer.write(step, metrics)
+        last = metrics
+        if on_step is not None:
+          on_step(step, metrics)
+        if checkpoints.save(step, state, data, force=step == total_steps):
+          progress.message(f"checkpoint {step} -> {checkpoints.directory}")
+        if eval_fn is not None and config.eval.every and step % config.eval.every == 0 and step != total_steps:
+          eval_metrics = evaluate(eval_fn, state, config, arch, tokenizer, mesh, source=eval_source)
+          writer.write(step, eval_metrics, split="eval")
+          progress.message(f"eval @ {step}: " + _describe(eval_metrics))
+      if eval_fn is not None:
+        eval_metrics = evaluate(eval_fn, state, config, arch, tokenizer, mesh, source=eval_source)
+        writer.write(total_steps, eval_metrics, split="eval")
+        progress.message(f"eval @ {total_steps}: " + _describe(eval_metrics))
+    finally:
+      progress.close()
+      writer.close()
+      checkpoints.close()
+
+    export_dir = None
+    if t.export_dir:
+      export_dir = export(config, graphdef, state, tokenizer_dir, t.export_dir)
+  return RunSummary(run_dir=run_dir, steps=total_steps, resumed_from=resumed_from, final_metrics=last,
+                    eval_metrics=eval_metrics, export_dir=export_dir, seconds=time.time() - started)
+
+
+_SHOWN = ("loss", "lm_loss", "token_accuracy", "ces_loss", "ces_accuracy", "grad_norm", "lr", "tokens_per_s", "mfu")
+
+
+def _describe(metrics: dict[str, float]) -> str:
+  return "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+
+
+def _short_state(data) -> str:
+  try:
+    return json.dumps(data.get_state(), default=str)[:200]
+  except Exception:  # the state is only for the message
+    return "unavailable"
+
+
+def _peak_flops(config) -> float:
+  """Per-device peak: the config's `train.peak_flops` if set, else the vendor figure of this device kind."""
+  configured = float(config.train.peak_flops)
+  if configured:
+    return configured
+  kind = jax.devices()[0].device_kind
+  return next((v for k, v in PEAK_FLOPS.items() if kind.startswith(k)), 0.0)
+
+
+def export(config, graphdef, state, tokenizer_dir: str, out_dir: str) -> str:
+  """The trained model as an HF folder (LoRA merged) plus the head's safetensors beside it."""
+  from eemo_jax.hf.heads_io import save_head
+  from eemo_jax.hf.save import save_hf
+  from eemo_jax.model.lora import merge_lora
+  model = nnx.merge(graphdef, state.params, state.frozen)
+  backbone = merge_lora(model.backbone)
+  save_hf(backbone, out_dir, source_dir=tokenizer_dir or None)
+  if model.head is not None:
+    save_head(model.head, out_dir)
+  return out_dir
