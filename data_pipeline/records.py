@@ -14,7 +14,7 @@ data set root only*: absolute paths elsewhere, `..` escapes and symlinks leading
 every image is decoded once with PIL, so a bad file is reported here, named, instead of crashing a
 training step hours later. Every failure is a `RecordError` naming the record, the field and the fix.
 
-Label sets (`MIKELS_8`, `OPTION_SETS`) are defined here until `data_pipeline/tasks.py` owns them.
+Label sets come from `data_pipeline/tasks.py` (`MIKELS_8` here is their lower-case spelling).
 """
 
 from __future__ import annotations
@@ -31,31 +31,23 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from data_pipeline import tasks
 from data_pipeline.errors import (CorruptImageError, InvalidFieldError, MissingFieldError, MissingFileError,
                                   RecordError, UnknownLabelError, UnsafePathError)
 
+# Label sets live in data_pipeline/tasks.py; records store the lower-case spelling of the Mikels classes.
 # The 8 Mikels emotion categories (EmoVerse's CES), in alphabetical order: a label's index is its class id.
-MIKELS_8 = ("amusement", "anger", "awe", "contentment", "disgust", "excitement", "fear", "sadness")
+MIKELS_8 = tuple(e.lower() for e in tasks.MIKELS_8)
 # Spellings of the same classes in other releases (ArtPhoto-style option set, papers.md §1).
 _MIKELS_ALIASES = {"sad": "sadness", "content": "contentment"}
 
 EEMO_TASKS = ("yes_no", "multiple_choice", "dominant_emotion", "emotion_ranking", "valence", "arousal",
               "dominance", "open_ended")
-VAD_TASKS = ("valence", "arousal", "dominance")
+VAD_TASKS = tasks.VAD_DIMENSIONS
 
-# The dominant-emotion option sets of EEmoDB-Assess, verbatim: they are the keys of the released reward
+# The dominant-emotion option sets of EEmoDB-Assess as the released strings: they are the keys of the reward
 # matrices (EEmo-Logic train/Stage_2/vad_distance.py `option_str_list`, reward_matrix_1.json).
-OPTION_SETS = (
-    "disgust, contentment, sadness, awe, anger, excitement, amusement, fear",
-    "Anger, Sad, Fear, Disgust, Amusement, Excitement, Awe, Content",
-    "Pain, Sadness, Embarrassment, Fatigue, Excitement, Engagement, Confidence, Aversion, Happiness, Yearning, "
-    "Affection, Sensitivity, Fear, Sympathy, Suffering, Doubt/Confusion, Disapproval, Anticipation, Anger, "
-    "Esteem, Surprise, Disquietment, Pleasure, Disconnection, Peace, Annoyance",
-    "Trust, Admiration, Distraction, Joy, Boredom, Terror, Amazement, Disgust, Rage, Vigilance, Anticipation, "
-    "Anger, Loathing, Grief, Acceptance, Fear, Pensiveness, Serenity, Surprise, Interest, Sadness, "
-    "Apprehension, Annoyance, Ecstasy",
-    "fear, joy, anger, sadness, surprise, disgust, neutral",
-)
+OPTION_SETS = tuple(", ".join(names) for names in tasks.OPTION_SETS.values())
 
 DES_DIM = 1024
 # EmoVerse `confidence` is kept on its released scale: the schema shows 5.0 and 8, the authors' scorer

@@ -301,12 +301,19 @@ def parse_answer(text: str, task: str | None = None, *, options=None):
 
 
 def _yes_no(record: Mapping) -> tuple[str, str]:
+  """Released questions put No/Yes in either order; the record's options say which (default A: No, B: Yes)."""
+  given = _lettered(record.get("options")) if _given(record.get("options")) else None
+  options = given if given and len(given) == 2 else YES_NO_OPTIONS
   value = _field(record, "choice", "answer")
-  answer = ("B" if value else "A") if isinstance(value, bool) else _choice_letter(str(value), YES_NO_OPTIONS)
+  if isinstance(value, bool):
+    wanted = "yes" if value else "no"
+    answer = next((k for k, v in options.items() if v.strip().lower() == wanted), None)
+  else:
+    answer = _choice_letter(str(value), options)
   if answer is None:
-    raise InvalidFieldError(_id(record), "answer", f"{value!r} is not A/B or No/Yes",
-                            "answer a yes/no question with 'A' (No) or 'B' (Yes)")
-  return _perception(record, YES_NO_OPTIONS), answer
+    raise InvalidFieldError(_id(record), "answer", f"{value!r} is none of the options {options}",
+                            "answer a yes/no question with an option's letter or text")
+  return _perception(record, options), answer
 
 
 def _multiple_choice(record: Mapping) -> tuple[str, str]:
@@ -331,8 +338,8 @@ def _dominant(record: Mapping) -> tuple[str, str]:
 
 def _ranking(record: Mapping) -> tuple[str, tuple[str, ...]]:
   """Top-3 of the record's option set; EEmo-Bench's 7 emotions (`EKMAN_7`) when it names none."""
-  named = _given(record.get("options")) or _given(record.get("option_set"))
-  emotions = _option_names(_field(record, "options", "option_set")) if named else EKMAN_7
+  named = next((record.get(k) for k in ("options", "option_set") if _given(record.get(k))), None)
+  emotions = _option_names(named) if named is not None else EKMAN_7
   value = _field(record, "ranking", "answer")
   ranking = _top3(value.split(",") if isinstance(value, str) else list(value), emotions)
   if ranking is None:

@@ -308,3 +308,17 @@ def test_yes_no_accepts_letters_words_and_booleans():
   assert {a: tasks.parse_answer(t, "yes_no") for a, t in answers.items()} == {
       "A": "A", "No": "A", False: "A", "B": "B", "Yes": "B", True: "B"}
   assert np.unique([tasks.parse_answer(t) for t in answers.values()]).tolist() == ["A", "B"]
+
+
+def test_every_synthetic_eemo_record_renders_with_its_own_options():
+  """Stored records (both yes/no orders, Mikels rankings) become prompts whose answer parses back."""
+  from data_pipeline.synthetic import synthetic_eemo_records
+  seen = set()
+  for index in range(24):
+    for record in synthetic_eemo_records(0, index):
+      features = record.to_features()
+      messages = tasks.eemo_messages(features)
+      answer = messages[-1]["content"] if isinstance(messages[-1]["content"], str) else messages[-1]["content"][0]["text"]
+      assert tasks.is_well_formed(answer), (record.id, answer)
+      seen.add(record.task)
+  assert {"yes_no", "emotion_ranking", "multiple_choice", "dominant_emotion"} <= seen
