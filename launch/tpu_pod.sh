@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# A TPU VM slice: the same command on every worker. From your machine:
+#   gcloud compute tpus tpu-vm ssh NAME --zone ZONE --worker=all --command \
+#     "cd eemo-jax && launch/tpu_pod.sh configs/emoverse_3b_sft.py --config.train.run_dir=gs://BUCKET/runs/x \
+#      --config.model.hf_dir=/path/on/every/worker/Qwen2.5-VL-3B-Instruct --config.data.data_dir=gs://BUCKET/tfds"
+# JAX discovers the other workers from the TPU metadata (eemo_jax.parallel.distributed).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+config="${1:?usage: launch/tpu_pod.sh CONFIG [--config.key=value ...]}"; shift
+scripts/setup_venv.sh tpu
+exec .venv/bin/eemo-jax train --config "$config" "$@"
