@@ -504,7 +504,6 @@ def make_iterator(config: PipelineConfig, *, mesh=None, source: Sequence | None 
   ds = make_dataset(config, source=source, tokenizer=tokenizer, process_index=process_index,
                     process_count=process_count)
   if mesh is not None:
-    _check_one_process_with_images()
     shardings = batch_shardings(abstract_batch(config, tokenizer), mesh)
     ds = ds.map(functools.partial(_global_arrays, shardings=shardings))
     ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=2)
@@ -535,12 +534,34 @@ def check_compatible(config: PipelineConfig, model_config, tokenizer: TextTokeni
 # --------------------------------------------------------------------------------------------------
 
 
-def abstract_batch(config: PipelineConfig, tokenizer: TextTokenizer | None = None):
-  """`jax.ShapeDtypeStruct`s of every batch (static): for `jit_train_step`, AOT compilation, shardings."""
+# Which axis of each (unstacked) batch field runs over rows or slots: the axis processes concatenate.
+_PROCESS_AXIS = {"position_ids": 1}
+
+
+def abstract_batch(config: PipelineConfig, tokenizer: TextTokenizer | None = None, *,
+                   process_count: int | None = None):
+  """`jax.ShapeDtypeStruct`s of every global batch (static): for `jit_train_step`, AOT compilation, shardings.
+
+  With several JAX processes each contributes its own rows and its own vision layout, concatenated along
+  the row / slot axis; the vision inputs then say how many groups they hold (`VisionInputs.groups`).
+  """
   import jax
-  batch = empty_batch(batch_layout(config, tokenizer))
+  processes = jax.process_count() if process_count is None else process_count
+  batch = _with_groups(empty_batch(batch_layout(config, tokenizer)), processes)
   lead = (config.microbatches,) if config.microbatches else ()
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(lead + x.shape, x.dtype), batch)
+
+  def spec(path, x):
+    axis = _PROCESS_AXIS.get(getattr(path[0], "key", None), 0)
+    shape = tuple(n * processes if i == axis else n for i, n in enumerate(x.shape))
+    return jax.ShapeDtypeStruct(lead + shape, x.dtype)
+
+  return jax.tree_util.tree_map_with_path(spec, batch)
+
+
+def _with_groups(batch: dict[str, Any], groups: int) -> dict[str, Any]:
+  if batch.get("vision") is not None and groups != batch["vision"].groups:
+    batch = {**batch, "vision": batch["vision"].replace(groups=groups)}
+  return batch
 
 
 def to_train_batch(batch: Mapping[str, Any]):
@@ -567,21 +588,7 @@ def batch_shardings(batch: Mapping[str, Any], mesh) -> dict[str, Any]:
 
 
 def _global_arrays(batch: dict[str, Any], shardings: dict[str, Any]) -> dict[str, Any]:
+  """Process-local numpy batch -> global arrays; each process's images stay one vision group."""
   import jax
+  batch = _with_groups(batch, jax.process_count())
   return jax.tree.map(lambda x, s: jax.make_array_from_process_local_data(s, x), batch, shardings)
-
-
-def _check_one_process_with_images() -> None:
-  """Refuse a multi-process image pipeline, which would feed the model wrong image features.
-
-  Each process lays out its own images in its share of the vision slots, but the model maps the k-th
-  `<|image_pad|>` of the *global* batch to the k-th merged feature (a cumulative count over all rows),
-  which only lines up when one process holds the whole batch. Needs a per-process offset in
-  `Qwen25VL.embed` (see the pipeline report) before multi-host runs can use images.
-  """
-  import jax
-  if jax.process_count() > 1:
-    raise NotImplementedError(
-        f"the image pipeline runs on {jax.process_count()} processes, but Qwen25VL.embed maps image-pad tokens to "
-        "vision features by a count over the global batch, which is wrong once each process lays out its own "
-        "images. Run on one process per mesh, or give the model per-process feature offsets first.")

@@ -143,8 +143,12 @@ class Qwen25VL(nnx.Module):
       return embeds
     features = self.visual(vision, self.dtype).astype(self.dtype)  # (M_pad, hidden), raster order
     is_image = input_ids == self.config.image_token_id
-    # masked_scatter semantics: the k-th image-pad token (scanning b, then l) takes feature row k.
-    index = jnp.cumsum(is_image.reshape(-1)).reshape(is_image.shape) - 1
+    # masked_scatter semantics: the k-th image-pad token (scanning b, then l) takes feature row k;
+    # with several vision groups, counted within each group's rows and its share of the features.
+    groups = vision.groups
+    per_group = is_image.reshape(groups, -1)  # (groups, rows/groups * seq)
+    offsets = (features.shape[0] // groups) * jnp.arange(groups)[:, None]
+    index = (jnp.cumsum(per_group, axis=1) - 1 + offsets).reshape(is_image.shape)
     picked = jnp.take(features, jnp.clip(index, 0, features.shape[0] - 1), axis=0)
     return jnp.where(is_image[..., None], picked, embeds)
 

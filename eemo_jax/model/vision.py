@@ -26,12 +26,17 @@ class VisionInputs:
   """Static-shape vision inputs in slot order; every index array is computed on the host (`prepare_vision`).
 
   S_pad is the slot budget, W the slots of one window, F the slots of one full-attention bin.
+
+  `groups` > 1: the arrays are `groups` independent layouts concatenated along their first axis, one
+  per block of `batch / groups` consecutive rows (in a multi-host job, one per JAX process, each laid
+  out by its own data loader); indices inside each are local to it.
   """
   pixel_values: jax.Array  # (S_pad, patch_dim) float: pixel_values rows placed in their slots, padding zero
   raster_slot: jax.Array  # (S_pad,) int32: slot of raster patch i (pixel_values row i), then the padding slots
   window_segment_ids: jax.Array  # (S_pad / W, W) int32: window id per slot, -1 padding
   full_segment_ids: jax.Array  # (S_pad / F, F) int32: frame id per slot, -1 padding
   rope_positions: jax.Array  # (S_pad, 2) int32 (h, w) patch ids per slot
+  groups: int = struct.field(pytree_node=False, default=1)
 
 
 def prepare_vision(pixel_values, image_grid_thw, config: VisionConfig, patch_budget: int | None = None,
@@ -144,8 +149,13 @@ class VisionTower(nnx.Module):
       return h, None
 
     x, _ = scan_layers(self.blocks, body, x, is_full, remat=self.remat)
-    merged_slot = inputs.raster_slot.reshape(-1, unit)[:, 0] // unit  # (M_pad,) raster merged token -> slot
+    raster_slot = inputs.raster_slot  # (S_pad,)
+    if inputs.groups > 1:  # local slot ids -> global: offset each group by its share of the slots
+      local = s_pad // inputs.groups
+      offsets = local * jnp.arange(inputs.groups)[:, None]
+      raster_slot = (raster_slot.reshape(inputs.groups, local) + offsets).reshape(-1)
+    merged_slot = raster_slot.reshape(-1, unit)[:, 0] // unit  # (M_pad,) raster merged token -> slot
     merged = self.merger(x)[merged_slot]  # (M_pad, out_hidden), raster order
     if not return_blocks:
       return merged
-    return merged, x[inputs.raster_slot]
+    return merged, x[raster_slot]

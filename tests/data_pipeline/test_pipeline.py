@@ -298,3 +298,14 @@ def test_settings_that_cannot_work_fail_with_the_fix(tokenizer_dir, tokenizer, r
   assert counters.dropped_images == 2 and "raise the budgets" in counters.last_messages[-1]
   with pytest.raises(ValueError, match="image_token_id"):
     pipeline.make_iterator(config_for(tokenizer_dir), source=records, tokenizer=tokenizer, model_config=cfglib.tiny())
+
+
+def test_abstract_batch_of_two_processes_holds_two_vision_groups(tokenizer_dir, tokenizer):
+  """Each process lays out its own rows' images; the global batch concatenates them as vision groups."""
+  config = config_for(tokenizer_dir, microbatches=2)
+  one = pipeline.abstract_batch(config, tokenizer, process_count=1)
+  two = pipeline.abstract_batch(config, tokenizer, process_count=2)
+  assert (one["vision"].groups, two["vision"].groups) == (1, 2)
+  assert two["input_ids"].shape == (2, 2 * one["input_ids"].shape[1], one["input_ids"].shape[2])
+  assert two["position_ids"].shape[2] == 2 * one["position_ids"].shape[2]
+  assert two["vision"].pixel_values.shape[1] == 2 * one["vision"].pixel_values.shape[1]

@@ -89,6 +89,35 @@ def test_jitted_forward_with_host_inputs_equals_hf_style_call():
   np.testing.assert_allclose(np.asarray(forward(model, inputs))[valid], np.asarray(eager)[valid], atol=1e-5)
 
 
+def test_vision_groups_equal_each_group_run_alone():
+  """Two data loaders (e.g. two hosts) lay out their own rows' images; concatenated as groups of one global
+  batch, each row gets its own image features, as if each half ran alone."""
+  config = cfglib.tiny()
+  model = Qwen25VL(config, rngs=nnx.Rngs(2))
+  halves = [make_batch([[(1, 8, 8)], [(1, 4, 6), (1, 4, 4)]], seed=3), make_batch([[(1, 16, 8)], [(1, 4, 4)]], seed=4)]
+  length = max(h["input_ids"].shape[1] for h in halves)
+  for h in halves:  # one padded length for the global batch (left padding)
+    extra = length - h["input_ids"].shape[1]
+    h["input_ids"], h["attention_mask"] = (np.pad(h[k], ((0, 0), (extra, 0))) for k in ("input_ids", "attention_mask"))
+  parts = [prepare_inputs(config, h["input_ids"], h["attention_mask"], h["pixel_values"], h["image_grid_thw"],
+                          patch_budget=512, frame_budget=256) for h in halves]
+
+  @nnx.jit
+  def forward(m, x):
+    return m(x.input_ids, x.attention_mask, position_ids=x.position_ids, vision=x.vision).logits
+
+  alone = [np.asarray(forward(model, p)) for p in parts]
+  cat = lambda *xs, axis=0: np.concatenate(xs, axis=axis)  # noqa: E731
+  vision = jax.tree.map(cat, parts[0].vision, parts[1].vision).replace(groups=2)
+  joined = parts[0].replace(input_ids=cat(parts[0].input_ids, parts[1].input_ids),
+                            attention_mask=cat(parts[0].attention_mask, parts[1].attention_mask),
+                            position_ids=cat(parts[0].position_ids, parts[1].position_ids, axis=1), vision=vision)
+  together = np.asarray(forward(model, joined))
+  np.testing.assert_allclose(together, cat(*alone), atol=1e-5)
+  ungrouped = np.asarray(forward(model, joined.replace(vision=vision.replace(groups=1))))
+  assert np.abs(ungrouped - cat(*alone)).max() > 1e-3  # without groups the second half reads the wrong features
+
+
 def test_traced_image_grid_gives_a_clear_error():
   config = cfglib.tiny()
   model = Qwen25VL(config, rngs=nnx.Rngs(0))
