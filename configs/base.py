@@ -28,7 +28,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
       hf_dir="",  # a local Qwen2.5-VL folder: its weights, config and tokenizer (overrides preset)
       dtype="bfloat16",  # compute dtype; parameters stay float32 master weights
       param_dtype="float32",
-      remat="dots",  # none | full | dots | dots_no_batch
+      remat="dots_no_batch",  # none | full | dots | dots_no_batch (keeps weight matmuls, not attention scores)
       attention="xla",  # xla | cudnn (GPU)
   )
   c.head = dict(
@@ -57,7 +57,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.eval = dict(split="test", every=0, batches=8)  # every 0: only at the end
   c.optimizer = dict(learning_rate=1e-5, warmup_ratio=0.03, end_learning_rate=0.0, b1=0.9, b2=0.999, eps=1e-8,
                      weight_decay=0.0, max_grad_norm=1.0, accum_steps=1)
-  c.loss = dict(lm_weight=1.0, ces_weight=0.0, des_weight=0.0, des_kind="cosine", chunk_size=1024)
+  c.loss = dict(lm_weight=1.0, ces_weight=0.0, des_weight=0.0, des_kind="cosine",
+                chunk_size=256)  # LM-head positions per chunk: (rows, 256, vocab) fp32 logits alive at a time
   c.mesh = dict(data=1, fsdp=-1, tensor=1)
   c.rules = tuple(DEFAULT_RULES)
   c.train = dict(

@@ -4,6 +4,8 @@ import os
 import sys
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# The test environment has libtpu (for `eemo-jax aot`); the tests themselves run on CPU only.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(__file__))
 
 import jax  # noqa: E402

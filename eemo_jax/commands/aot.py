@@ -27,6 +27,10 @@ def add_arguments(parser, name):
   parser.epilog = "Override config fields with --config.section.key=value (e.g. --config.mesh.tensor=2)."
 
 
+class DoesNotFit(RuntimeError):
+  """The compiler ran out of device memory while compiling: the step does not fit this slice."""
+
+
 @dataclasses.dataclass
 class AotReport:
   topology: str
@@ -100,7 +104,14 @@ def compile_for_topology(config, topology: str) -> AotReport:
     step = make_train_step(graphdef, optimizer, trainable=trainable, loss_config=runlib.loss_settings(config),
                            forward=runlib.sft_forward, mesh=mesh, rules=rules)
     started = time.time()
-    compiled = jit_train_step(step, state, batch, mesh, rules).lower(state, batch).compile()
+    lowered = jit_train_step(step, state, batch, mesh, rules).lower(state, batch)
+    try:
+      compiled = lowered.compile()
+    except Exception as error:  # XLA refuses programs that cannot fit: report that as the answer
+      if "RESOURCE_EXHAUSTED" not in str(error):
+        raise
+      raise DoesNotFit(f"topology {topology}: {len(devices)} x {devices[0].device_kind}, mesh {dict(mesh.shape)}: "
+                       f"the compiler reports {str(error).splitlines()[0]}") from None
     seconds = time.time() - started
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
@@ -168,6 +179,10 @@ def run(args) -> int:
   topology = args.topology or config.aot.topology
   try:
     report = compile_for_topology(config, topology)
+  except DoesNotFit as error:
+    print(f"{error}\n-> DOES NOT FIT: lower data.seq_len, the batch per microbatch (more optimizer.accum_steps), "
+          "use model.remat=full, or a larger slice / tensor parallelism (mesh.tensor)")
+    return 1
   except RuntimeError as error:
     print(f"eemo-jax aot: {error}", file=sys.stderr)
     return 2

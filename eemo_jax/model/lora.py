@@ -183,9 +183,15 @@ def apply_lora(model: nnx.Module, config: LoraConfig, rngs: nnx.Rngs, *, mesh=No
     examples = [t.format(i="*") for t, _, _ in linear_layers(model)][:6]
     raise ValueError(f"LoRA targets {list(config.targets)} (excluding {list(config.exclude)}) match no linear "
                      f"layer; paths look like {examples}")
-  host_rng = np.random.default_rng(np.asarray(jax.random.key_data(rngs.params())))
-  for _, linear in chosen:
-    a, b, keys = _initial_factors(host_rng, linear.kernel.shape, config.rank, config.dropout > 0)
+  key = rngs.params()
+  traced = isinstance(jax.random.key_data(key), jax.core.Tracer)  # inside jit / eval_shape (sharded init)
+  host_rng = None if traced else np.random.default_rng(np.asarray(jax.random.key_data(key)))
+  for index, (_, linear) in enumerate(chosen):
+    if traced:  # drawn in the traced program, not baked into it as constants
+      a, b, keys = _traced_factors(jax.random.fold_in(key, index), linear.kernel.shape, config.rank,
+                                   config.dropout > 0)
+    else:
+      a, b, keys = _initial_factors(host_rng, linear.kernel.shape, config.rank, config.dropout > 0)
     axes = tuple(linear.kernel.get_metadata().get("axes") or (None,) * linear.kernel.ndim)
     linear.lora = LoraAdapter(jnp.asarray(a, linear.kernel.dtype), jnp.asarray(b, linear.kernel.dtype), keys,
                               kernel_axes=axes, scale=config.scale, dropout=config.dropout, mesh=mesh, rules=rules)
@@ -203,6 +209,17 @@ def _initial_factors(rng: np.random.Generator, kernel_shape, rank: int, with_dro
   a = rng.uniform(-bound, bound, (*lead, d_in, rank)).astype(np.float32)
   b = np.zeros((*lead, rank, d_out), np.float32)
   keys = rng.integers(0, 2**32, (*lead, DROPOUT_KEY_WORDS), dtype=np.uint32) if with_dropout else None
+  return a, b, keys
+
+
+def _traced_factors(key: jax.Array, kernel_shape, rank: int, with_dropout: bool):
+  """As `_initial_factors`, drawn with JAX inside a traced init (e.g. `create_train_state(factory)`)."""
+  *lead, d_in, d_out = kernel_shape
+  bound = d_in ** -0.5
+  a_key, drop_key = jax.random.split(key)
+  a = jax.random.uniform(a_key, (*lead, d_in, rank), jnp.float32, -bound, bound)
+  b = jnp.zeros((*lead, rank, d_out), jnp.float32)
+  keys = jax.random.bits(drop_key, (*lead, DROPOUT_KEY_WORDS), jnp.uint32) if with_dropout else None
   return a, b, keys
 
 

@@ -81,8 +81,12 @@ def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
 
 
 def current_mesh() -> Mesh | None:
-  """The concrete mesh set with `jax.set_mesh`, if any."""
-  mesh = jax.sharding.get_mesh()
+  """The concrete mesh set with `jax.set_mesh`, if any; None inside a trace (jit, eval_shape), where the
+  caller's out_shardings place the arrays."""
+  try:
+    mesh = jax.sharding.get_mesh()
+  except ValueError:  # "get_mesh can only be used outside of jax.jit"
+    return None
   return mesh if isinstance(mesh, Mesh) and mesh.devices.size > 0 and mesh.axis_names else None
 
 

@@ -280,3 +280,23 @@ def test_adapters_are_born_sharded_like_their_kernels(checkpoint):
     _randomize_b(model)
     lora.merge_lora(model)
     assert q.kernel.get_value().sharding.spec == kernel_spec
+
+
+def test_adapters_can_be_created_inside_a_traced_init():
+  """create_train_state(factory) and abstract_train_state build the model under jit / eval_shape: the
+  adapters' initial values are then drawn in the traced program (not host constants)."""
+  from eemo_jax.model import config as cfglib
+  from eemo_jax.model.qwen25vl import Qwen25VL
+
+  def factory():
+    model = Qwen25VL(cfglib.tiny(), rngs=nnx.Rngs(0))
+    lora.apply_lora(model, lora.LoraConfig(rank=4), nnx.Rngs(1))
+    return model
+
+  abstract = nnx.state(nnx.eval_shape(factory), lora.lora_filter)
+  concrete = jax.jit(lambda: nnx.state(factory(), lora.lora_filter))()
+  shapes = lambda s: sorted((tuple(map(str, p)), v.shape) for p, v in nnx.to_flat_state(s))  # noqa: E731
+  assert shapes(abstract) == shapes(concrete) and shapes(concrete)
+  a = [v[...] for p, v in nnx.to_flat_state(concrete) if p[-1] == "lora_a"]
+  b = [v[...] for p, v in nnx.to_flat_state(concrete) if p[-1] == "lora_b"]
+  assert all(float(jnp.abs(x).max()) > 0 for x in a) and all(float(jnp.abs(x).max()) == 0 for x in b)
