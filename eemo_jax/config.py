@@ -39,7 +39,10 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
   """`spec` is `path` or `path:arg`; `overrides` are `--config.a.b=value` (or `a.b=value`) strings."""
   path, _, arg = spec.partition(":")
   module = load_module(path)
-  config = module.get_config(arg) if arg else module.get_config()
+  try:
+    config = module.get_config(arg) if arg else module.get_config()
+  except (AttributeError, KeyError) as error:  # a locked base config refuses a misspelled field
+    raise ConfigError(f"{path}: {error.args[0] if error.args else error}") from error
   if not isinstance(config, ml_collections.ConfigDict):
     raise ConfigError(f"{path}: get_config must return an ml_collections.ConfigDict, got {type(config).__name__}")
   config.lock()

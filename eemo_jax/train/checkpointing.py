@@ -93,6 +93,10 @@ class RunCheckpoints:
     restored = self._manager.restore(int(step), args=ocp.args.Composite(**items))
     return int(step), _data_to_keys(restored["state"], abstract_state)
 
+  def delete(self, step: int) -> None:
+    """Removes one checkpoint (every process calls it)."""
+    self._manager.delete(int(step))
+
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are on disk."""
     self._manager.wait_until_finished()

@@ -304,11 +304,7 @@ def train(config, *, tokenizer=None, train_source=None, eval_source=None, progre
         state, metrics = step_fn(state, batch)
         metrics = _host_metrics(metrics)
         if not math.isfinite(metrics["loss"]):
-          checkpoints.wait()
-          raise NonFiniteLossError(
-              f"loss is {metrics['loss']} at step {step} (the run's batch #{step}, data iterator state "
-              f"{_short_state(data)}); the state was not saved: the last good checkpoint is step "
-              f"{checkpoints.latest_step()}. Lower optimizer.learning_rate or check that batch's records.")
+          raise NonFiniteLossError(_non_finite(metrics["loss"], step, data, checkpoints))
         if step % t.log_every == 0 or step == total_steps:
           seconds = max(time.time() - window_start, 1e-9)
           metrics["tokens_per_s"] = tokens_per_step * (step - last_logged) / seconds
@@ -347,6 +343,19 @@ _SHOWN = ("loss", "lm_loss", "token_accuracy", "ces_loss", "ces_accuracy", "grad
 
 def _describe(metrics: dict[str, float]) -> str:
   return "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+
+
+def _non_finite(loss: float, step: int, data, checkpoints: RunCheckpoints) -> str:
+  """Stops a run whose loss went NaN/inf. The checkpoint of step - 1 holds the very state that produced
+  it (resuming from it would replay the same batch into the same NaN), so it is removed too."""
+  checkpoints.wait()
+  if checkpoints.latest_step() == step - 1:
+    checkpoints.delete(step - 1)
+  good = checkpoints.latest_step()
+  kept = f"the last good checkpoint is step {good}" if good is not None else "no earlier checkpoint is left"
+  return (f"loss is {loss} at step {step} (the run's batch #{step}, data iterator state {_short_state(data)}); "
+          f"neither this state nor the one before it is kept: {kept}. Lower optimizer.learning_rate or check "
+          "that batch's records, then run the same command to resume.")
 
 
 def _short_state(data) -> str:

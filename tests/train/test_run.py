@@ -1,0 +1,268 @@
+"""The SFT run end to end on the tiny recipe: resume after SIGKILL and on another mesh, NaN stop, run artefacts.
+
+A resumed run must be the run that was interrupted: same batches, same dropout keys, same optimizer
+state, so its per-step losses are the uninterrupted run's, bit for bit on the same mesh. Everything
+runs on the synthetic data set (64 train / 16 test images) and 8 fake CPU devices, a few steps each.
+"""
+
+import dataclasses
+import io
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from eemo_jax import cli
+from eemo_jax.config import load_config
+from eemo_jax.parallel.sharding import make_mesh
+from eemo_jax.train.checkpointing import RunCheckpoints
+from eemo_jax.train.run import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY = os.path.join(ROOT, "configs", "tiny_demo.py")
+STEPS = 12  # checkpoints every 2 steps (the last 3 kept), eval every 4: the killed run is still busy after 2 or 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Assets:
+  tokenizer_dir: str
+  data_dir: str
+  dataset_config: str
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> Assets:
+  from data_pipeline.builders import build
+  from data_pipeline.tokenizer import build_offline_tokenizer
+  root = tmp_path_factory.mktemp("assets")
+  tokenizer_dir, data_dir = str(root / "tokenizer"), str(root / "data")
+  build_offline_tokenizer(tokenizer_dir)
+  report = build("synthetic", data_dir, config="emoverse", num_train=64, num_test=16)
+  assert report.written == {"train": 64, "test": 16}
+  return Assets(tokenizer_dir, data_dir, report.config)
+
+
+def _overrides(assets: Assets, run_dir, **extra) -> list[str]:
+  """The tiny recipe, shortened: `steps` steps of 8 rows, a checkpoint every 2, one eval batch, FSDP over 8."""
+  fields = {"train.run_dir": str(run_dir), "train.steps": STEPS, "train.checkpoint_every": 2,
+            "train.global_batch_size": 8, "train.log_every": 1, "data.data_dir": assets.data_dir,
+            "data.dataset_config": assets.dataset_config, "data.tokenizer_dir": assets.tokenizer_dir,
+            "eval.batches": 1, "mesh.fsdp": 8}
+  fields.update({k.replace("__", "."): v for k, v in extra.items()})
+  return [f"--config.{k}={v}" for k, v in fields.items()]
+
+
+def _rows(run_dir, split: str = "train", *, offset: int = 0) -> list[dict]:
+  """metrics.jsonl rows of a split, from byte `offset` on (a resumed run appends to the same file)."""
+  with open(os.path.join(run_dir, "metrics.jsonl"), "rb") as f:
+    f.seek(offset)
+    lines = f.read().decode().splitlines()
+  return [row for row in map(json.loads, lines) if row["split"] == split]
+
+
+def _by_step(rows: list[dict]) -> dict[int, dict]:
+  out = {}
+  for row in rows:
+    assert row["step"] not in out, f"step {row['step']} logged twice in one run: {rows}"
+    out[row["step"]] = row
+  return out
+
+
+def _steps_on_disk(run_dir) -> list[int]:
+  """Complete checkpoints, as a new process would see them (Orbax renames a step folder when it is done)."""
+  checkpoints = RunCheckpoints(str(run_dir), save_every=1)
+  try:
+    return checkpoints.all_steps()
+  finally:
+    checkpoints.close()
+
+
+@pytest.fixture(scope="module")
+def reference(assets, tmp_path_factory):
+  """One uninterrupted in-process run with mid-run eval and the HF export: the other runs compare with it."""
+  root = tmp_path_factory.mktemp("reference")
+  run_dir, export_dir = root / "run", root / "export"
+  config = load_config(TINY, _overrides(assets, run_dir, train__export_dir=export_dir, eval__every=4))
+  progress = io.StringIO()
+  summary = train(config, progress_stream=progress)
+  return run_dir, export_dir, summary, progress.getvalue()
+
+
+# --------------------------------------------------------------------------------------------------
+# What a run writes
+# --------------------------------------------------------------------------------------------------
+
+
+def test_run_writes_config_metrics_tensorboard_checkpoints_and_export(reference):
+  """What a user reads after a run: the resolved config, one JSONL row per step and per eval, the same
+  scalars in TensorBoard, the newest checkpoints, and an HF folder transformers loads cleanly + the head."""
+  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+  run_dir, export_dir, summary, progress = reference
+  assert summary.steps == STEPS and summary.resumed_from is None and summary.export_dir == str(export_dir)
+
+  saved = json.loads((run_dir / "config.json").read_text())
+  assert saved["train"]["steps"] == STEPS and saved["train"]["run_dir"] == str(run_dir)
+  assert saved["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1} and saved["head"]["kind"] == "pooled"
+
+  train_rows, eval_rows = _by_step(_rows(run_dir)), _by_step(_rows(run_dir, "eval"))
+  assert sorted(train_rows) == list(range(1, STEPS + 1))
+  for row in train_rows.values():
+    for key in ("loss", "lm_loss", "ces_loss", "grad_norm", "lr", "token_accuracy", "tokens_per_s"):
+      assert math.isfinite(row[key]), (key, row)
+  assert sorted(eval_rows) == [4, 8, STEPS]  # eval.every=4; the last one is the final evaluation
+  for row in eval_rows.values():
+    assert {"loss", "lm_loss", "ces_loss", "ces_accuracy", "token_accuracy"} <= set(row)
+  assert summary.final_metrics["loss"] == train_rows[STEPS]["loss"]
+  assert summary.eval_metrics == {k: v for k, v in eval_rows[STEPS].items() if k not in ("step", "split")}
+  assert "eval @ 4: " in progress and f"checkpoint {STEPS} -> " in progress
+
+  events = EventAccumulator(str(run_dir / "tensorboard"))
+  events.Reload()
+  train_loss = events.Scalars("train/loss")
+  assert [e.step for e in train_loss] == list(range(1, STEPS + 1))
+  np.testing.assert_array_equal([e.value for e in train_loss],
+                                np.float32([train_rows[s]["loss"] for s in range(1, STEPS + 1)]))
+  assert [e.step for e in events.Scalars("eval/ces_accuracy")] == [4, 8, STEPS]
+
+  assert _steps_on_disk(run_dir) == [8, 10, 12]  # train.keep_checkpoints=3
+
+  import transformers
+  from eemo_jax.hf.heads_io import load_head
+  model, info = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
+      str(export_dir), attn_implementation="eager", output_loading_info=True)
+  assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+  assert model.config.text_config.num_hidden_layers == 2
+  assert (export_dir / "emotion_head.safetensors").is_file() and (export_dir / "tokenizer.json").is_file()
+  head = load_head(str(export_dir))
+  assert head.config.kind == "pooled" and head.config.classifier_hidden == 32
+  assert head.config.num_hidden_layers_mean == 3
+
+
+# --------------------------------------------------------------------------------------------------
+# Resuming
+# --------------------------------------------------------------------------------------------------
+
+
+def _command(assets, run_dir) -> list[str]:
+  """`eemo-jax train` as a user runs it: the reference run's config, without the export."""
+  return [sys.executable, "-m", "eemo_jax.cli", "train", "--config", TINY,
+          *_overrides(assets, run_dir, eval__every=4)]
+
+
+def _env() -> dict[str, str]:
+  """This process's environment (8 fake CPU devices) and matmul precision, so a child computes the same floats."""
+  precision = jax.config.jax_default_matmul_precision
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  if precision is not None:
+    env["JAX_DEFAULT_MATMUL_PRECISION"] = str(precision)
+  return env
+
+
+def test_sigkilled_run_resumes_to_exactly_the_uninterrupted_losses(assets, reference, tmp_path):
+  """The CLI run is SIGKILLed once checkpoint 2 or 4 is complete; the same command again resumes from the
+  last complete checkpoint, and every step after it (and every eval) equals the uninterrupted run's."""
+  ref_dir = reference[0]
+  run_dir, log_path = tmp_path / "run", tmp_path / "killed.log"
+  with open(log_path, "w") as log:
+    victim = subprocess.Popen(_command(assets, run_dir), cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+  try:
+    deadline = time.time() + 400
+    while True:
+      assert victim.poll() is None, "the run ended before it could be killed:\n" + log_path.read_text()
+      assert time.time() < deadline, "no checkpoint after 400 s:\n" + log_path.read_text()
+      if (run_dir / "checkpoints").is_dir() and {2, 4} & set(_steps_on_disk(run_dir)):
+        os.kill(victim.pid, signal.SIGKILL)
+        break
+      time.sleep(0.02)
+    assert victim.wait(timeout=60) == -signal.SIGKILL
+  finally:
+    if victim.poll() is None:
+      victim.kill()
+      victim.wait()
+
+  before_kill = _by_step(_rows(run_dir))
+  complete = _steps_on_disk(run_dir)
+  assert max(before_kill) < STEPS and complete and max(complete) < STEPS, (before_kill.keys(), complete)
+
+  offset = os.path.getsize(run_dir / "metrics.jsonl")
+  again = subprocess.run(_command(assets, run_dir), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                         timeout=400)
+  assert again.returncode == 0, again.stdout + again.stderr
+  resumed = _by_step(_rows(run_dir, offset=offset))
+  start = min(resumed) - 1
+  assert start == max(complete) and start >= 2
+  assert f"resumed {run_dir} at step {start} (checkpoint {start})" in again.stderr
+  assert sorted(resumed) == list(range(start + 1, STEPS + 1))
+
+  uninterrupted = _by_step(_rows(ref_dir))
+  for step, row in before_kill.items():  # the same computation before the kill (same process setup)
+    assert row["loss"] == uninterrupted[step]["loss"], step
+  for step, row in resumed.items():
+    for key in ("loss", "lm_loss", "ces_loss", "grad_norm", "lr", "token_accuracy", "ces_accuracy"):
+      assert row[key] == uninterrupted[step][key], (step, key, row[key], uninterrupted[step][key])
+  resumed_eval, reference_eval = _by_step(_rows(run_dir, "eval", offset=offset)), _by_step(_rows(ref_dir, "eval"))
+  assert sorted(resumed_eval) == [s for s in sorted(reference_eval) if s > start]
+  for step, row in resumed_eval.items():
+    assert row == reference_eval[step], step
+
+
+def test_resume_on_another_mesh_continues_the_run(assets, reference, tmp_path):
+  """Saved on FSDP over 8 devices, resumed on data 2 x fsdp 2 x tensor 2: the state lands in the new
+  shardings and the run goes on with the same batches; only the reduction order differs."""
+  ref_dir = reference[0]
+  assert dict(make_mesh({"data": 1, "fsdp": -1, "tensor": 1}).shape) == {"data": 1, "fsdp": 8, "tensor": 1}
+  run_dir = tmp_path / "run"
+  shutil.copytree(ref_dir / "checkpoints" / "8", run_dir / "checkpoints" / "8")  # as if it had stopped after 8
+  config = load_config(TINY, _overrides(assets, run_dir, eval__batches=0, mesh__data=2, mesh__fsdp=2,
+                                        mesh__tensor=2))
+  progress = io.StringIO()
+  summary = train(config, progress_stream=progress)
+  assert summary.resumed_from == 8 and f"resumed {run_dir} at step 8 (checkpoint 8)" in progress.getvalue()
+  assert _steps_on_disk(run_dir) == [8, 10, 12]
+
+  resumed, expected = _by_step(_rows(run_dir)), _by_step(_rows(ref_dir))
+  assert sorted(resumed) == list(range(9, STEPS + 1))
+  for step, row in resumed.items():
+    for key in ("loss", "lm_loss", "ces_loss", "grad_norm"):
+      np.testing.assert_allclose(row[key], expected[step][key], rtol=0, atol=1e-5, err_msg=f"{key} at step {step}")
+    assert row["lr"] == expected[step]["lr"] and row["token_accuracy"] == expected[step]["token_accuracy"]
+
+
+# --------------------------------------------------------------------------------------------------
+# A diverging run
+# --------------------------------------------------------------------------------------------------
+
+
+def test_non_finite_loss_stops_and_names_a_checkpoint_it_can_resume_from(assets, reference, tmp_path, capsys):
+  """The reference run, continued from its step-8 checkpoint with lr 1e30 and a checkpoint every step:
+  step 9's loss comes from good weights, its update blows them up, and step 10's loss is not finite.
+
+  `eemo-jax train` exits 3 (only NonFiniteLossError does) naming the step and the last good checkpoint,
+  and nothing of step 10 is saved. The loss of step k is a function of the state saved as checkpoint
+  k-1 and batch k alone (the learning rate enters only the update after it), so resuming from k-1 -
+  what the same command does with the latest checkpoint - replays the same non-finite loss whatever
+  the new learning rate: the checkpoint named good, and left as the latest, must be older than k-1."""
+  run_dir = tmp_path / "run"
+  shutil.copytree(reference[0] / "checkpoints" / "8", run_dir / "checkpoints" / "8")
+  overrides = _overrides(assets, run_dir, optimizer__learning_rate=1e30, train__checkpoint_every=1, eval__batches=0)
+  assert cli.main(["train", "--config", TINY, *overrides]) == 3
+  err = capsys.readouterr().err
+  found = re.search(r"^eemo-jax train: loss is (nan|-?inf) at step 10 .*the last good checkpoint is step (\d+)\.",
+                    err, re.MULTILINE)
+  assert found, err
+  rows = _rows(run_dir)
+  assert [r["step"] for r in rows] == [9] and math.isfinite(rows[0]["loss"])
+  steps = _steps_on_disk(run_dir)
+  assert 10 not in steps and not [name for name in os.listdir(run_dir / "checkpoints") if name.startswith("10")]
+  good = int(found.group(2))
+  assert max(steps) == good, (steps, good)  # what a plain re-run resumes from
+  assert good < 10 - 1, f"checkpoint {good} holds the weights whose loss at step 10 was not finite"
