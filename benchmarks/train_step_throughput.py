@@ -19,12 +19,15 @@ in which other processes used the CPU. Only the training op is new here.
 * Labels: the input ids with -100 at the image pads (and padding, of which this batch has none).
 * MFU: `eemo_jax.train.flops.train_step_flops` (analytic, the same count for both sides) / step time
   / the measured matmul peak. Tokens/s = batch x seq / step time.
+  The count includes one extra LM-head forward that only JAX's chunked, rematerialised loss does.
 * Sanity: the first-step losses of both sides (same weights, same batch) must agree to ~1e-5; the
   second-step losses (after one AdamW update) are shown too, which also checks the optimizers agree.
+* Kernel cost: system CPU time and MB of fresh pages first touched per step, for each process. On
+  this machine they were a large, FLOP-free part of the step (XLA maps its temp buffer anew per call).
 
 `--breakdown` additionally races the pieces of a step on both sides: forward (loss only), forward +
 backward (gradients, no update), and the optimizer update alone. `--hlo` summarises the compiled
-step's HLO (transposes and copies, the largest first).
+step's standalone data movement (copies, transposes, zero fills, the layer loops' slices).
 """
 
 from __future__ import annotations
@@ -422,7 +425,8 @@ def print_table(limits: dict, results: list[dict]) -> None:
           f"{r['label_tokens']} label tokens; max |dloss| JAX vs torch: step 1 {r['max_abs_dloss_step1']:.1e}, "
           f"step 2 {r['max_abs_dloss_step2']:.1e}")
   print("Ratios are JAX/ref tokens/s of the medians; ref = the faster of torch eager and sdpa; best-of = the same "
-        "ratio from each side's fastest step.")
+        "ratio from each side's fastest step. MFU counts the same analytic FLOPs for both sides (train_step_flops, "
+        "including the LM-head recompute only JAX's chunked loss does).")
   fmt = lambda x: f"{x[0]:.0%} ({x[1]} rounds redone)"
   loads = [f"limits {fmt(limits['foreign_cpu'][0])}"] + [f"{r['config']} {fmt(r['foreign_cpu'])}" for r in results]
   print("CPU used by other processes in the kept timed rounds (0% = machine was ours): " + ", ".join(loads))
@@ -473,7 +477,10 @@ def main(argv=None) -> int:
     env = {"python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__,
            "transformers": transformers.__version__, "cpu_count": os.cpu_count(), **torch_env,
            "jax_devices": [str(d) for d in jax.devices()], "machine": platform.machine(),
-           "processor": platform.processor(), **mt._provenance()}
+           "processor": platform.processor(), **mt._provenance(),
+           # Settings that change these timings (the allocator's, XLA's, OpenMP's), as this run had them.
+           "env_vars": {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "GLIBC_TUNABLES", "XLA_",
+                                                                                 "OMP_", "MKL_", "LD_PRELOAD"))}}
     with open(args.json, "w") as f:
       json.dump({"env": env, "args": vars(args), "targets": TARGETS, "limits": limits, "results": results}, f,
                 indent=1, default=float)
