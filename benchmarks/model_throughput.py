@@ -199,10 +199,12 @@ class TorchWorker:
   OMP_WAIT_POLICY was set), so the reference runs alone, as a torch user would run it.
   """
 
-  def __init__(self, threads: int):
+  def __init__(self, threads: int, extra_ops_module: str | None = None):
+    """`extra_ops_module`: a module (importable from this directory) whose `TORCH_OPS` dict of
+    `op -> fn(state, *args)` the child serves too (e.g. train_step_throughput's training ops)."""
     ctx = multiprocessing.get_context("spawn")
     self.conn, child = ctx.Pipe()
-    self.proc = ctx.Process(target=_torch_worker_main, args=(child, threads), daemon=True)
+    self.proc = ctx.Process(target=_torch_worker_main, args=(child, threads, extra_ops_module), daemon=True)
     self.proc.start()
     OWN_CHILDREN.append(self.proc.pid)
 
@@ -226,11 +228,13 @@ class TorchWorker:
     return self.proc.pid
 
 
-def _torch_worker_main(conn, threads: int) -> None:
+def _torch_worker_main(conn, threads: int, extra_ops_module: str | None = None) -> None:
+  import importlib
   import traceback
 
   import torch
   torch.set_num_threads(threads)
+  extra = importlib.import_module(extra_ops_module).TORCH_OPS if extra_ops_module else {}
   state: dict = {}
   while True:
     msg = conn.recv()
@@ -238,7 +242,8 @@ def _torch_worker_main(conn, threads: int) -> None:
       conn.send((True, None))
       return
     try:
-      conn.send((True, _torch_handle(state, *msg)))
+      handler = extra.get(msg[0])
+      conn.send((True, handler(state, *msg[1:]) if handler else _torch_handle(state, *msg)))
     except Exception:  # report to the parent, keep serving
       conn.send((False, traceback.format_exc()))
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import multiprocessing
 import os
 import platform
 import re
@@ -55,40 +54,6 @@ LEARNING_RATE = 1e-5
 
 
 # ------------------------------------------------------------------------------------------ torch worker
-class TrainWorker(mt.TorchWorker):
-  """`mt.TorchWorker`'s child process, also serving the training ops below.
-
-  mt's worker dispatches a fixed list of ops (no registry), so this is its own small child: it serves
-  the `train*` ops itself and hands every other op (build, data, the machine-limit kernels) to mt's
-  handler, so the models, batch and limits are made exactly as in `model_throughput.py`.
-  """
-
-  def __init__(self, threads: int):  # mt.TorchWorker.__init__ with another child entry point
-    ctx = multiprocessing.get_context("spawn")
-    self.conn, child = ctx.Pipe()
-    self.proc = ctx.Process(target=_train_worker_main, args=(child, threads), daemon=True)
-    self.proc.start()
-    mt.OWN_CHILDREN.append(self.proc.pid)  # its CPU time is ours, not foreign (mt.race)
-
-
-def _train_worker_main(conn, threads: int) -> None:
-  import traceback
-
-  import torch
-  torch.set_num_threads(threads)
-  state: dict = {}
-  while True:
-    msg = conn.recv()
-    if msg[0] == "quit":
-      conn.send((True, None))
-      return
-    try:
-      handler = _TRAIN_OPS.get(msg[0])
-      conn.send((True, handler(state, *msg[1:]) if handler else mt._torch_handle(state, *msg)))
-    except Exception:  # report to the parent, keep serving
-      conn.send((False, traceback.format_exc()))
-
-
 def _train_setup(state: dict, labels: np.ndarray) -> None:
   """After mt's `build` and `data`: train mode, one AdamW per attention implementation, the labels."""
   import torch
@@ -137,7 +102,8 @@ def _train_part(state: dict, impl: str, part: str) -> float:
   return time.perf_counter() - t0
 
 
-_TRAIN_OPS = {"train_setup": _train_setup, "train": _train, "train_part": _train_part}
+# Served by model_throughput's torch worker child (`mt.TorchWorker(threads, "train_step_throughput")`).
+TORCH_OPS = {"train_setup": _train_setup, "train": _train, "train_part": _train_part}
 
 
 def kernel_cost(before) -> tuple[float, int]:
@@ -159,7 +125,7 @@ def make_labels(cfg, data: dict) -> np.ndarray:
   return np.where((ids == cfg.image_token_id) | (data["attention_mask"] == 0), IGNORE_INDEX, ids).astype(np.int64)
 
 
-def bench_config(name: str, args, limits: dict, worker: TrainWorker) -> dict:
+def bench_config(name: str, args, limits: dict, worker: mt.TorchWorker) -> dict:
   import jax
 
   import eemo_jax
@@ -301,7 +267,7 @@ def jax_parts(graphdef, optimizer, state, batch) -> dict:
           "optimizer": run_update}
 
 
-def race_parts(name: str, jax_fns: dict, worker: TrainWorker, args) -> dict:
+def race_parts(name: str, jax_fns: dict, worker: mt.TorchWorker, args) -> dict:
   """Median ms of each piece, JAX and both torch implementations, raced in interleaved rounds."""
   contestants = {}
   for part, fn in jax_fns.items():
@@ -460,7 +426,7 @@ def main(argv=None) -> int:
   import jax
   import transformers
 
-  worker = TrainWorker(args.threads)
+  worker = mt.TorchWorker(args.threads, extra_ops_module="train_step_throughput")
   try:
     torch_env = worker.call("env")
     limits = mt.machine_limits(args.limit_repeats, worker)

@@ -304,6 +304,17 @@ def _yes_no(record: Mapping) -> tuple[str, str]:
   """Released questions put No/Yes in either order; the record's options say which (default A: No, B: Yes)."""
   given = _lettered(record.get("options")) if _given(record.get("options")) else None
   options = given if given and len(given) == 2 else YES_NO_OPTIONS
+  return _perception(record, options), _answer_letter(record, options, "answer a yes/no question with an "
+                                                      "option's letter or text")
+
+
+def _multiple_choice(record: Mapping) -> tuple[str, str]:
+  options = _options(record)
+  return _perception(record, options), _answer_letter(record, options, "give the correct option's letter or text")
+
+
+def _answer_letter(record: Mapping, options: Mapping[str, str], fix: str) -> str:
+  """The letter of the record's answer among `options`; a boolean answer picks the Yes / No option."""
   value = _field(record, "choice", "answer")
   if isinstance(value, bool):
     wanted = "yes" if value else "no"
@@ -311,19 +322,8 @@ def _yes_no(record: Mapping) -> tuple[str, str]:
   else:
     answer = _choice_letter(str(value), options)
   if answer is None:
-    raise InvalidFieldError(_id(record), "answer", f"{value!r} is none of the options {options}",
-                            "answer a yes/no question with an option's letter or text")
-  return _perception(record, options), answer
-
-
-def _multiple_choice(record: Mapping) -> tuple[str, str]:
-  options = _options(record)
-  value = _field(record, "choice", "answer")
-  answer = _choice_letter(str(value), options)
-  if answer is None:
-    raise InvalidFieldError(_id(record), "answer", f"{value!r} is none of the options {options}",
-                            "give the correct option's letter or text")
-  return _perception(record, options), answer
+    raise InvalidFieldError(_id(record), "answer", f"{value!r} is none of the options {options}", fix)
+  return answer
 
 
 def _dominant(record: Mapping) -> tuple[str, str]:

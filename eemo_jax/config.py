@@ -14,6 +14,7 @@ import ast
 import difflib
 import importlib.util
 import os
+import sys
 from collections.abc import Sequence
 
 import ml_collections
@@ -21,6 +22,22 @@ import ml_collections
 
 class ConfigError(ValueError):
   """A config file or override the user must fix; the message says how."""
+
+
+def add_config_argument(parser) -> None:
+  """`--config FILE[:ARG]` and the override help, for the commands that run a config (train, aot)."""
+  parser.add_argument("--config", required=True, metavar="FILE[:ARG]",
+                      help="an experiment config file in configs/ (get_config(ARG) when :ARG is given)")
+  parser.epilog = "Override any config field with --config.section.key=value (e.g. --config.train.run_dir=runs/x)."
+
+
+def config_from_args(args, command: str) -> ml_collections.ConfigDict | None:
+  """The command's config, or None after printing what the user must fix (the command exits 2)."""
+  try:
+    return load_config(args.config, args.overrides)
+  except ConfigError as error:
+    print(f"eemo-jax {command}: {error}", file=sys.stderr)
+    return None
 
 
 def load_module(path: str):

@@ -11,6 +11,7 @@ every parse runs on its own, and the ids skipped are written beside the data in 
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import logging
@@ -183,6 +184,21 @@ def split_annotation_files(root: Path, annotations: Mapping[str, str | Sequence[
                        "pass annotations={'train': ['path/relative/to/root.json'], ...}")
   order = ("train", "validation", "test")
   return {split: files[split] for split in order if split in files}
+
+
+def annotation_attempts(root: Path, paths: Iterable[Path], parse: Callable[[Any, str], list]):
+  """(location, thunk) per annotation item; the thunk parses it with `parse(item, location)` (a list of
+  records), or raises the RecordError the reader met there. The builder runs each thunk in turn, so a
+  bad record is counted and skipped without losing the others."""
+  for path in paths:
+    for where, item in iter_annotation_items(root, path):
+      yield where, functools.partial(_parse_item, parse, item, where)
+
+
+def _parse_item(parse: Callable[[Any, str], list], item: Any, where: str) -> list:
+  if isinstance(item, RecordError):
+    raise item
+  return parse(item, where)
 
 
 def iter_annotation_items(root: Path, path: Path) -> Iterator[tuple[str, Any]]:

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import tensorflow_datasets as tfds
 
-from data_pipeline.builders.common import RecordBuilder, eemo_features, iter_annotation_items, \
-  split_annotation_files
-from data_pipeline.errors import DatasetError, RecordError
+from data_pipeline.builders.common import RecordBuilder, annotation_attempts, eemo_features, split_annotation_files
+from data_pipeline.errors import DatasetError
 from data_pipeline.records import parse_eemo
 
 
@@ -61,17 +60,10 @@ class EEmo(RecordBuilder):
     if search_dir and not (root / search_dir).is_dir():
       search_dir = ""  # a flat folder: look everywhere under the root
     files = split_annotation_files(root, self.annotations, search_dir)
-    return {split: self._generate_examples(split, _attempts(root, image_root, split, paths))
+    return {split: self._generate_examples(split, annotation_attempts(
+                root, paths, functools.partial(_parse, image_root=image_root, split=split)))
             for split, paths in files.items()}
 
 
-def _attempts(root: Path, image_root: Path, split: str, paths: list[Path]):
-  for path in paths:
-    for where, item in iter_annotation_items(root, path):
-      yield where, functools.partial(_parse, item, image_root, where, split)
-
-
-def _parse(item, image_root: Path, where: str, split: str):
-  if isinstance(item, RecordError):
-    raise item
+def _parse(item, where: str, *, image_root: Path, split: str):
   return parse_eemo(item, image_root, default_id=where, split=split)

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import tensorflow_datasets as tfds
 
-from data_pipeline.builders.common import RecordBuilder, emoverse_features, iter_annotation_items, \
+from data_pipeline.builders.common import RecordBuilder, annotation_attempts, emoverse_features, \
   split_annotation_files
-from data_pipeline.errors import RecordError
 from data_pipeline.records import parse_emoverse
 
 
@@ -42,16 +41,9 @@ class EmoVerse(RecordBuilder):
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     root = Path(dl_manager.manual_dir)
     files = split_annotation_files(root, self.annotations)
-    return {split: self._generate_examples(split, _attempts(root, split, paths)) for split, paths in files.items()}
+    return {split: self._generate_examples(split, annotation_attempts(root, paths, functools.partial(
+                _parse, root=root, split=split))) for split, paths in files.items()}
 
 
-def _attempts(root: Path, split: str, paths: list[Path]):
-  for path in paths:
-    for where, item in iter_annotation_items(root, path):
-      yield where, functools.partial(_parse, item, root, where, split)
-
-
-def _parse(item, root: Path, where: str, split: str):
-  if isinstance(item, RecordError):
-    raise item
+def _parse(item, where: str, *, root: Path, split: str):
   return [parse_emoverse(item, root, default_id=where, split=split)]

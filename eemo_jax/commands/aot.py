@@ -21,10 +21,10 @@ HBM_BYTES = {"TPU v4": 32 * 2**30, "TPU v5 lite": 16 * 2**30, "TPU v5e": 16 * 2*
 
 def add_arguments(parser, name):
   del name
-  parser.add_argument("--config", required=True, metavar="FILE[:ARG]", help="an experiment config in configs/")
+  from eemo_jax.config import add_config_argument
+  add_config_argument(parser)
   parser.add_argument("--topology", default=None,
                       help="TPU topology, e.g. v5e:4x4, v5p:2x2x2, v4:2x2x1 (default: the config's aot.topology)")
-  parser.epilog = "Override config fields with --config.section.key=value (e.g. --config.mesh.tensor=2)."
 
 
 class DoesNotFit(RuntimeError):
@@ -170,11 +170,9 @@ def describe(report: AotReport) -> str:
 
 
 def run(args) -> int:
-  from eemo_jax.config import ConfigError, load_config
-  try:
-    config = load_config(args.config, args.overrides)
-  except ConfigError as error:
-    print(f"eemo-jax aot: {error}", file=sys.stderr)
+  from eemo_jax.config import config_from_args
+  config = config_from_args(args, "aot")
+  if config is None:
     return 2
   topology = args.topology or config.aot.topology
   try:

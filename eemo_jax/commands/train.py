@@ -8,22 +8,19 @@ from __future__ import annotations
 
 import sys
 
+from eemo_jax.config import add_config_argument, config_from_args
+
 
 def add_arguments(parser, name):
   del name
-  parser.add_argument("--config", required=True, metavar="FILE[:ARG]",
-                      help="an experiment config file in configs/ (get_config(ARG) when :ARG is given)")
-  parser.epilog = "Override any config field with --config.section.key=value (e.g. --config.train.run_dir=runs/x)."
+  add_config_argument(parser)
 
 
 def run(args) -> int:
-  from eemo_jax.config import ConfigError, load_config
   from eemo_jax.parallel.distributed import initialize_from_environment
 
-  try:
-    config = load_config(args.config, args.overrides)
-  except ConfigError as error:
-    print(f"eemo-jax train: {error}", file=sys.stderr)
+  config = config_from_args(args, "train")
+  if config is None:
     return 2
   initialize_from_environment()
   from eemo_jax.train.run import NonFiniteLossError, train

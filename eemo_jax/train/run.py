@@ -17,11 +17,8 @@ import math
 import os
 import time
 from collections.abc import Callable
-from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from eemo_jax.model.config import Qwen25VLConfig, preset
@@ -209,11 +206,14 @@ def evaluate(eval_step, state, config, arch, tokenizer, mesh, *, source=None) ->
   pcfg = pipeline_config(config, arch, split=config.eval.split, eval_mode=True)
   iterator = make_iterator(pcfg, mesh=mesh, tokenizer=tokenizer, source=source)
   total = None
-  for index, batch in enumerate(iterator):
-    if index >= config.eval.batches:
-      break
-    sums = eval_step(state, to_train_batch(batch))
-    total = sums if total is None else total + sums
+  try:
+    for index, batch in enumerate(iterator):
+      if index >= config.eval.batches:
+        break
+      sums = eval_step(state, to_train_batch(batch))
+      total = sums if total is None else total + sums
+  finally:
+    iterator.close()  # stops its worker processes now, not at garbage collection
   if total is None:
     return {}
   return _host_metrics(losses.metrics_from_sums(total, loss_settings(config)))
