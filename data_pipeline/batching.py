@@ -50,7 +50,9 @@ USABLE = ("ok", "truncated")
 REJECTED = ("skipped", "dropped_overlong", "dropped_images")
 # pixel_values dtypes. bfloat16 values are the float32 ones rounded, exactly what a model computing in
 # bfloat16 makes of float32 pixel_values, at half the host work and transfer.
-PIXEL_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+# "uint8": the batch carries the resized image's levels and their table; the vision tower normalises on the
+# device (`VisionInputs.pixel_levels`), to the same values as "float32" at a quarter of the bytes.
+PIXEL_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16), "uint8": np.dtype(np.uint8)}
 _COUNTERS_KEY = "pipeline_counters"  # marks the batcher's entry in a (nested) Grain iterator state
 _MAX_MESSAGES = 8
 
@@ -122,7 +124,7 @@ class BatchLayout:
   packing: bool = False
   image_mean: tuple[float, ...] = CLIP_MEAN
   image_std: tuple[float, ...] = CLIP_STD
-  pixel_dtype: str = "float32"  # or "bfloat16" (PIXEL_DTYPES)
+  pixel_dtype: str = "float32"  # or "bfloat16", "uint8" (PIXEL_DTYPES)
   patch_size: int = 14
   temporal_patch_size: int = 2
   merge_size: int = 2
@@ -216,7 +218,8 @@ def _vision_inputs(patches: list[np.ndarray], grids: list[np.ndarray], layout: B
 
   The same values as the image processor's `pixel_values` (one lookup table holds the exact float32
   result of every uint8 level, `image_processor._normalization_table`) and as `prepare_vision`'s slots;
-  with pixel_dtype="bfloat16", those values rounded to bfloat16.
+  with pixel_dtype="bfloat16", those values rounded to bfloat16; with "uint8", the levels and the table,
+  for the vision tower to look up on the device.
   """
   config = layout.vision_config
   grid = np.concatenate(grids) if grids else np.zeros((0, 3), np.int64)
@@ -228,16 +231,22 @@ def _vision_inputs(patches: list[np.ndarray], grids: list[np.ndarray], layout: B
   if raw.shape[1:] != (c, p, p) or len(raw) != vision.num_patches:
     raise ValueError(f"the images have patches of shape {raw.shape} but their grids {grid.tolist()} need "
                      f"({vision.num_patches}, {c}, {p}, {p})")
+  table = _normalization_table(tuple(layout.image_mean), tuple(layout.image_std))  # (C, 256) float32
   dtype = PIXEL_DTYPES[layout.pixel_dtype]
-  table = _normalization_table(tuple(layout.image_mean), tuple(layout.image_std)).astype(dtype)  # (C, 256)
   pixels = np.empty((len(raw), c, t, p, p), dtype)  # pixel_values rows: (channel, time, py, px)
-  for channel in range(c):
-    np.take(table[channel], raw[:, channel], out=pixels[:, channel, 0], mode="clip")
+  if dtype == np.uint8:
+    pixels[:, :, 0] = raw
+    levels = tuple(tuple(float(v) for v in row) for row in table)
+  else:
+    for channel in range(c):
+      np.take(table[channel].astype(dtype), raw[:, channel], out=pixels[:, channel, 0], mode="clip")
+    levels = None
   pixels[:, :, 1:] = pixels[:, :, :1]  # an image is one frame repeated over the temporal patch
   slots = np.zeros((vision.patch_budget, config.patch_dim), dtype)  # (S_pad, patch_dim), padding zero
   slots[vision.raster_slot[:len(raw)]] = pixels.reshape(len(raw), config.patch_dim)
   return VisionInputs(pixel_values=slots, raster_slot=vision.raster_slot, window_segment_ids=vision.window_segment_ids,
-                      full_segment_ids=vision.full_segment_ids, rope_positions=vision.rope_positions)
+                      full_segment_ids=vision.full_segment_ids, rope_positions=vision.rope_positions,
+                      pixel_levels=levels)
 
 
 def empty_batch(layout: BatchLayout) -> dict[str, Any]:

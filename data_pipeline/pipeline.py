@@ -83,7 +83,8 @@ class PipelineConfig:
   microbatches: int = 0  # 0: plain batches; k: k batches stacked on a leading axis (the SFT step's layout)
   overlong: str = "truncate"  # text longer than seq_len: "truncate" (counted) or "drop" (counted)
   packing: bool = False  # several examples per row (segment ids in attention_mask)
-  pixel_dtype: str = "float32"  # "bfloat16" halves pixel work and transfer; same inputs for a bf16 model
+  pixel_dtype: str = "float32"  # "bfloat16" halves pixel work and transfer, same inputs for a bf16 model;
+  #                               "uint8" ships levels, normalised on the device to the float32 values
   strict: bool = False  # a bad record stops the run instead of being skipped and counted
   patch_size: int = 14
   temporal_patch_size: int = 2

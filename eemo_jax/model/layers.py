@@ -110,14 +110,19 @@ REMAT_POLICIES = {
 }
 
 
+def _checked_policy(remat: str):
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"Unknown remat policy {remat!r}; choose one of {sorted(REMAT_POLICIES)}")
+  return REMAT_POLICIES[remat]
+
+
 def scan_layers(layers: nnx.Module, body: Callable, carry, xs=None, *, remat: str = "none"):
   """Runs `body(layer, carry, x) -> (carry, y)` over stacked `layers` with one `lax.scan`.
 
   The layer parameters are sliced by the scan and merged back into a module inside the body, so
   the body reads like an ordinary per-layer forward.
   """
-  if remat not in REMAT_POLICIES:
-    raise ValueError(f"Unknown remat policy {remat!r}; choose one of {sorted(REMAT_POLICIES)}")
+  policy = _checked_policy(remat)
   graphdef, state = nnx.split(layers)
 
   def step(c, inputs):
@@ -125,5 +130,57 @@ def scan_layers(layers: nnx.Module, body: Callable, carry, xs=None, *, remat: st
     return body(nnx.merge(graphdef, layer_state), c, x)
 
   if remat != "none":
-    step = jax.checkpoint(step, policy=REMAT_POLICIES[remat], prevent_cse=False)
+    step = jax.checkpoint(step, policy=policy, prevent_cse=False)
   return jax.lax.scan(step, carry, (state, xs))
+
+
+def layer_runs(kinds: Sequence[int]) -> tuple[int, list[tuple[int, int, int]]]:
+  """(period, runs): the shortest period of a per-layer kind pattern and its runs of equal kinds.
+
+  `runs` are (start, stop, kind) within one period. Qwen2.5-VL's vision towers repeat (window x 7, full)
+  four times: period 8, runs [(0, 7, window), (7, 8, full)].
+  """
+  kinds = list(kinds)
+  depth = len(kinds)
+  period = next(p for p in range(1, depth + 1)
+                if depth % p == 0 and all(kinds[i] == kinds[i % p] for i in range(depth)))
+  runs, start = [], 0
+  for i in range(1, period + 1):
+    if i == period or kinds[i] != kinds[start]:
+      runs.append((start, i, kinds[start]))
+      start = i
+  return period, runs
+
+
+def scan_layer_pattern(layers: nnx.Module, kinds: Sequence[int], bodies: Sequence[Callable], carry, *,
+                       remat: str = "none"):
+  """Runs stacked `layers` where layer i is `bodies[kinds[i]](layer, carry) -> carry`, with no per-layer branch.
+
+  A `lax.cond` per layer would cost a branch on every layer and, under autodiff, keep the residuals of
+  both branches. Instead the pattern's period is scanned (the stacked axis reshaped to (repeats, period),
+  free), and inside one period each run of equal kinds is its own scan (or a plain call for a run of
+  one). Compile time grows with the runs of one period, not with depth.
+  """
+  policy = _checked_policy(remat)
+  depth = len(kinds)
+  period, runs = layer_runs(kinds)
+  graphdef, state = nnx.split(layers)
+  state = jax.tree.map(lambda v: v.reshape((depth // period, period) + v.shape[1:]), state)
+
+  def layer_step(kind):
+    def step(c, layer_state):
+      return bodies[kind](nnx.merge(graphdef, layer_state), c), None
+    return jax.checkpoint(step, policy=policy, prevent_cse=False) if remat != "none" else step
+
+  def period_step(c, period_state):
+    for start, stop, kind in runs:
+      run = jax.tree.map(lambda v: v[start:stop], period_state)
+      if stop - start == 1:
+        c, _ = layer_step(kind)(c, jax.tree.map(lambda v: v[0], run))
+      else:
+        c, _ = jax.lax.scan(layer_step(kind), c, run)
+    return c, None
+
+  if depth == period:
+    return period_step(carry, jax.tree.map(lambda v: v[0], state))[0]
+  return jax.lax.scan(period_step, carry, state)[0]

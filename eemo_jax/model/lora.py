@@ -24,8 +24,8 @@ A scanned group shares one set of shapes across its layers, so a pattern must se
 group's layers or none of them.
 
 Dropout on the LoRA input needs a fresh key every step. Each adapter keeps its key as state
-(`LoraDropoutKey`) and only reads it in the forward pass: the vision blocks run inside `lax.cond`
-within the layer scan, where a module may not advance an RNG counter. Call
+(`LoraDropoutKey`) and only reads it in the forward pass: the layers run inside `lax.scan`, where a
+module may not advance an RNG counter. Call
 `reseed_lora_dropout(model, key)` once per training step, before the forward pass; without it every
 step reuses the same masks. `nnx.view(model, deterministic=True)` (or `model.eval()`) turns dropout off.
 """

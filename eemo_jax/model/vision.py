@@ -3,8 +3,8 @@
 All images of a batch run as one sequence of static length (the patch budget), laid out in slots
 (`positions.VisionLayout`): each attention window fills a fixed number of slots and frames are packed
 into fixed-size bins, so window attention is batched over windows and full attention over bins.
-Window and full attention are the same scanned block; a per-layer flag picks which of the two masks
-it uses.
+Window and full attention blocks share one stacked parameter set; `scan_layer_pattern` runs each
+with its own mask and no per-layer branch.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from flax import nnx, struct
 from eemo_jax.model import positions
 from eemo_jax.model.attention import Implementation, attention, segment_mask
 from eemo_jax.model.config import VisionConfig
-from eemo_jax.model.layers import Linear, RMSNorm, SwiGLU, scan_layers, stacked
+from eemo_jax.model.layers import Linear, RMSNorm, SwiGLU, scan_layer_pattern, stacked
 from eemo_jax.model.rope import rotate_half, vision_cos_sin
 
 
@@ -31,12 +31,32 @@ class VisionInputs:
   per block of `batch / groups` consecutive rows (in a multi-host job, one per JAX process, each laid
   out by its own data loader); indices inside each are local to it.
   """
-  pixel_values: jax.Array  # (S_pad, patch_dim) float: pixel_values rows placed in their slots, padding zero
+  pixel_values: jax.Array  # (S_pad, patch_dim) float: pixel_values rows placed in their slots, padding zero;
+  #                          or uint8 levels of the resized image, with `pixel_levels`
   raster_slot: jax.Array  # (S_pad,) int32: slot of raster patch i (pixel_values row i), then the padding slots
   window_segment_ids: jax.Array  # (S_pad / W, W) int32: window id per slot, -1 padding
   full_segment_ids: jax.Array  # (S_pad / F, F) int32: frame id per slot, -1 padding
   rope_positions: jax.Array  # (S_pad, 2) int32 (h, w) patch ids per slot
   groups: int = struct.field(pytree_node=False, default=1)
+  # With uint8 pixel_values: the normalised value of each level per channel, (C, 256) floats (the image
+  # processor's rescale + normalise, `data_pipeline.image_processor`). A quarter of float32's bytes cross
+  # to the device, and the lookup there gives the float32 pixel_values exactly.
+  pixel_levels: tuple[tuple[float, ...], ...] | None = struct.field(pytree_node=False, default=None)
+
+  def float_pixels(self) -> jax.Array:
+    """pixel_values as float32 (S_pad, patch_dim): uint8 levels looked up in `pixel_levels`, padding zero."""
+    if self.pixel_values.dtype != jnp.uint8:
+      return self.pixel_values
+    if self.pixel_levels is None:
+      raise ValueError("uint8 pixel_values need VisionInputs.pixel_levels, the table of each level's normalised "
+                       "value (the data pipeline's pixel_dtype='uint8' fills it)")
+    table = np.asarray(self.pixel_levels, np.float32)  # (C, 256)
+    s_pad, patch_dim = self.pixel_values.shape
+    channel = np.arange(patch_dim) // (patch_dim // len(table))  # (patch_dim,) rows are (C, T, P, P)
+    index = self.pixel_values.astype(jnp.int32) + jnp.asarray(256 * channel, jnp.int32)  # (S_pad, patch_dim)
+    pixels = jnp.take(jnp.asarray(table.reshape(-1)), index, mode="clip")
+    real = (self.window_segment_ids.reshape(s_pad) >= 0)[:, None]  # padding slots stay zero
+    return jnp.where(real, pixels, 0.0)
 
 
 def prepare_vision(pixel_values, image_grid_thw, config: VisionConfig, patch_budget: int | None = None,
@@ -134,21 +154,17 @@ class VisionTower(nnx.Module):
     """
     cfg = self.config
     unit = cfg.merge_unit
-    x = self.patch_embed(inputs.pixel_values.astype(dtype))  # (S_pad, hidden), slot order
+    x = self.patch_embed(inputs.float_pixels().astype(dtype))  # (S_pad, hidden), slot order
     s_pad, d = x.shape
     cos, sin = vision_cos_sin(inputs.rope_positions, cfg.head_dim, cfg.rope_theta)  # (S_pad, head_dim)
-    is_full = jnp.asarray(np.isin(np.arange(cfg.depth), cfg.fullatt_block_indexes))  # (depth,)
+    kinds = np.isin(np.arange(cfg.depth), cfg.fullatt_block_indexes).astype(int)  # 0 window, 1 full
     # Padding slots see only padding, so no softmax row is empty.
     windows = segment_mask(inputs.window_segment_ids)  # (S_pad / W, 1, W, W)
     full = segment_mask(inputs.full_segment_ids)  # (S_pad / F, 1, F, F)
     impl = self.attention_impl
-
-    def body(block, h, is_full_block):
-      h = jax.lax.cond(is_full_block, lambda y: block(y, cos, sin, full, impl),
-                       lambda y: block(y, cos, sin, windows, impl), h)
-      return h, None
-
-    x, _ = scan_layers(self.blocks, body, x, is_full, remat=self.remat)
+    bodies = (lambda block, h: block(h, cos, sin, windows, impl),
+              lambda block, h: block(h, cos, sin, full, impl))
+    x = scan_layer_pattern(self.blocks, kinds, bodies, x, remat=self.remat)
     raster_slot = inputs.raster_slot  # (S_pad,)
     if inputs.groups > 1:  # local slot ids -> global: offset each group by its share of the slots
       local = s_pad // inputs.groups

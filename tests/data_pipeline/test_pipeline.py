@@ -162,6 +162,19 @@ def test_bfloat16_pixels_are_the_float32_pixels_rounded(tokenizer_dir, tokenizer
   np.testing.assert_array_equal(narrow["vision"].pixel_values, wide["vision"].pixel_values.astype(jnp.bfloat16))
 
 
+def test_uint8_pixels_are_normalised_on_the_device_to_the_float32_pixels(tokenizer_dir, tokenizer, records):
+  config = config_for(tokenizer_dir, batch_size=3, patch_budget=1024)
+  (wide,), _ = take(config, records, tokenizer, n=1)
+  (levels,), _ = take(dataclasses.replace(config, pixel_dtype="uint8"), records, tokenizer, n=1)
+  vision = levels["vision"]
+  assert vision.pixel_values.dtype == np.uint8 and np.shape(vision.pixel_levels) == (3, 256)
+  np.testing.assert_array_equal(jax.jit(lambda v: v.float_pixels())(vision), wide["vision"].pixel_values)
+  tower = Qwen25VL(cfglib.tiny(), rngs=nnx.Rngs(0)).visual
+  np.testing.assert_array_equal(tower(vision), tower(wide["vision"]))
+  with pytest.raises(ValueError, match="pixel_levels"):
+    vision.replace(pixel_levels=None).float_pixels()
+
+
 def test_overlong_examples_are_truncated_or_dropped_and_counted(tokenizer_dir, tokenizer, records):
   maker = pipeline.ExampleMaker(config_for(tokenizer_dir, seq_len=4096, task="emoverse_bas"), tokenizer)
   lengths = np.array([len(maker.map(r)["input_ids"]) for r in records])
