@@ -15,8 +15,11 @@ Contestants, each over every record of the split, one epoch:
   (labels, M-RoPE positions, padding to static shapes, the vision slot layout); the pipeline produces those.
 * pipeline, k workers: `make_iterator` (shuffled, host batches, no device) from creation to the last batch:
   decode + resize + normalise, prompt + tokenise + labels, positions, static-shape batches with the vision
-  slot layout. "total" includes starting the worker processes; "steady" excludes the time to the first batch.
-  float32 pixels are the parity setting; bfloat16 pixels are what a bf16 model makes of them.
+  slot layout. "total" includes starting the worker processes (each imports Grain and JAX, ~4 s here);
+  "steady" is the rate after the first `--warmup` batches, once every worker is running.
+  float32 pixels are the parity setting; bfloat16 pixels are what a bf16 model makes of them; uint8 pixels
+  are the resized image's levels, which the vision tower normalises on the device to exactly the float32
+  values (the lookup's cost on this CPU is in the profile).
 
 Rounds interleave the contestants in rotating order; medians are reported with the share of the CPU other
 processes used meanwhile (the machine is shared). A per-stage profile (one thread, per example) says where
@@ -26,6 +29,7 @@ the pipeline's time goes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import os
 import statistics
@@ -158,14 +162,16 @@ def run_hf_loop(processor, source, config) -> tuple[int, float]:
   return len(source), time.perf_counter() - t0
 
 
-def run_pipeline(config, tokenizer) -> tuple[int, float, float, float]:
-  """(examples, seconds to the last batch, seconds to the first batch, foreign CPU share)."""
+def run_pipeline(config, tokenizer, warmup: int = 1) -> tuple[int, float, tuple[int, float], float]:
+  """(examples, seconds to the last batch, (examples, seconds) at the end of batch `warmup`, foreign CPU share)."""
   with ForeignCpu() as cpu:
     t0 = time.perf_counter()
     it = pipeline.make_iterator(config, tokenizer=tokenizer)
-    first = None
-    for _ in it:
-      first = first if first is not None else time.perf_counter() - t0
+    first, batches = None, 0
+    for batch in it:
+      batches += 1
+      if batches == warmup:
+        first = (it.counters.examples, time.perf_counter() - t0)
     total = time.perf_counter() - t0
     cpu.stop()
     examples = it.counters.examples
@@ -218,6 +224,25 @@ def stage_profile(config, tokenizer, source, n: int) -> dict[str, float]:
   return out | {"_patches": float(np.mean(patches)), "_tokens": float(np.mean([len(e["input_ids"]) for e in examples]))}
 
 
+def device_lookup_ms(config, tokenizer, repeats: int = 10) -> float:
+  """Milliseconds per example of `VisionInputs.float_pixels` (the uint8 -> float32 lookup the train step does
+  on the device), jitted on this CPU, for one batch of the pipeline."""
+  import jax
+  it = pipeline.make_iterator(dataclasses.replace(config, prefetch=0), tokenizer=tokenizer)
+  batch = next(it)
+  rows = int(batch["attention_mask"].any(axis=1).sum())
+  it.close()
+  lookup = jax.jit(lambda v: v.float_pixels())
+  vision = jax.device_put(batch["vision"])
+  lookup(vision).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    lookup(vision).block_until_ready()
+    times.append(time.perf_counter() - t)
+  return 1e3 * statistics.median(times) / rows
+
+
 def hf_profile(processor, source, config, n: int) -> dict[str, float]:
   from PIL import Image
   image_t, text_t = [], []
@@ -243,10 +268,12 @@ def hf_profile(processor, source, config, n: int) -> dict[str, float]:
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--records", type=int, default=320)
+  parser.add_argument("--records", type=int, default=960)
+  parser.add_argument("--warmup", type=int, default=8, help="batches before the steady rate is timed")
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--workers", default="0,2", help="comma-separated worker counts")
   parser.add_argument("--bf16-workers", default="0", help="worker counts also run with pixel_dtype=bfloat16")
+  parser.add_argument("--uint8-workers", default="0,2", help="worker counts also run with pixel_dtype=uint8")
   parser.add_argument("--batch-size", type=int, default=8)
   parser.add_argument("--seq-len", type=int, default=1024)
   parser.add_argument("--read-threads", type=int, default=4)
@@ -266,7 +293,8 @@ def main(argv=None) -> int:
   source = pipeline.load_source(base)
   processor = hf_processor(tokenizer_dir, base.max_pixels)
   variants = [(int(w), "float32") for w in args.workers.split(",") if w] + [
-      (int(w), "bfloat16") for w in args.bf16_workers.split(",") if w]
+      (int(w), "bfloat16") for w in args.bf16_workers.split(",") if w] + [
+      (int(w), "uint8") for w in args.uint8_workers.split(",") if w]
   contestants = ["hf"] + [f"pipeline-{w}-{dtype}" for w, dtype in variants]
   results = {name: [] for name in contestants}
   for r in range(args.rounds):
@@ -281,7 +309,7 @@ def main(argv=None) -> int:
         _, workers, dtype = name.split("-")
         config = pipeline.PipelineConfig(**{**base.__dict__, "worker_count": int(workers), "pixel_dtype": dtype,
                                             "seed": r})
-        results[name].append(run_pipeline(config, tokenizer))
+        results[name].append(run_pipeline(config, tokenizer, args.warmup))
       examples, seconds, _, share = results[name][-1]
       print(f"[round {r}] {name}: {examples / seconds:.1f} examples/s (others used {share:.0%} CPU)",
             file=sys.stderr)
@@ -298,7 +326,7 @@ def main(argv=None) -> int:
   for name in contestants:
     rows = results[name]
     total = statistics.median(n / s for n, s, _, _ in rows)
-    steady = statistics.median((n - args.batch_size) / (s - f) for n, s, f, _ in rows) if rows[0][2] else total
+    steady = statistics.median((n - f[0]) / (s - f[1]) for n, s, f, _ in rows) if rows[0][2] else total
     share = statistics.mean(x for *_, x in rows)
     _, workers, dtype = (name.split("-") + ["", ""])[:3]
     label = "HF processor loop" if name == "hf" else f"pipeline, {workers} workers, {dtype} pixels"
@@ -306,6 +334,12 @@ def main(argv=None) -> int:
           f"{share:.0%} |")
 
   profile = stage_profile(base, tokenizer, source, min(args.profile, len(source)))
+  levels = stage_profile(dataclasses.replace(base, pixel_dtype="uint8"), tokenizer, source,
+                         min(args.profile, len(source)))
+  key = "batch assembly (pad, normalise into the vision slots), per example"
+  profile["batch assembly, uint8 pixels (pad, place levels in the vision slots), per example"] = levels[key]
+  profile["uint8 pixels: the lookup on the device (jitted, this CPU), per example"] = device_lookup_ms(
+      dataclasses.replace(base, pixel_dtype="uint8"), tokenizer)
   hf = hf_profile(processor, source, base, min(args.profile, len(source)))
   print(f"\nWhere the time goes (ms per example, one thread, median of {min(args.profile, len(source))} records; "
         f"{profile.pop('_patches'):.0f} patches and {profile.pop('_tokens'):.0f} tokens per example on average)\n")

@@ -53,6 +53,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
       image_root="", task="emoverse_ces", seq_len=1024, patch_budget=0, frame_budget=0,
       min_pixels=3136, max_pixels=200704, shuffle=True, worker_count=0, worker_buffer_size=4, read_threads=4,
       prefetch=2, overlong="truncate", packing=False, strict=False,
+      pixel_dtype="uint8",  # levels cross to the device and are normalised there, to the float32 values exactly
   )
   c.eval = dict(split="test", every=0, batches=8)  # every 0: only at the end
   c.optimizer = dict(learning_rate=1e-5, warmup_ratio=0.03, end_learning_rate=0.0, b1=0.9, b2=0.999, eps=1e-8,
