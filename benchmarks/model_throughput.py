@@ -49,6 +49,7 @@ TARGETS = {  # JAX/reference throughput ratios the issue asks for
 # Sleep before every timed call (--settle). 0 by default: measured, a 20 ms idle gap made torch's next call
 # slower (tiny prefill 12.5 -> 17 ms: its OpenMP threads fall asleep) and did not help JAX.
 SETTLE_S = 0.0
+LEAD_IN = 1  # untimed calls of a contestant before each of its timed calls (--lead-in)
 
 
 # ------------------------------------------------------------------------------------------ timing
@@ -56,7 +57,10 @@ def race(contestants: dict[str, Callable[[], object]], repeats: int, warmup: int
          min_seconds: float = 0.0) -> dict[str, list[float]]:
   """Runs every contestant `warmup` times, then `repeats` interleaved rounds; returns seconds per run.
 
-  Each round runs every contestant once (rotating order). A round during which other processes used
+  Each round runs every contestant once (rotating order), each timed call right after LEAD_IN untimed
+  calls of the same contestant, so that it runs as in its own loop and not straight after the other
+  framework (whose OpenMP threads keep spinning for a while after a call: the tiny JAX train step took
+  15 ms alone and ~30 ms right after a torch step). A round during which other processes used
   more than MAX_FOREIGN of the machine's CPU is thrown away and redone (after waiting for the machine
   to go idle, with --wait-idle), up to 3x `repeats` rounds in all; if clean rounds run out, the
   least-disturbed ones are kept. FOREIGN_CPU gets (mean foreign share of the kept rounds, rounds dropped).
@@ -78,6 +82,8 @@ def race(contestants: dict[str, Callable[[], object]], repeats: int, warmup: int
     snap = cpu_snapshot()
     got = {}
     for name in order:
+      for _ in range(LEAD_IN):
+        contestants[name]()
       time.sleep(SETTLE_S)
       t0 = time.perf_counter()
       out = contestants[name]()
@@ -190,6 +196,27 @@ def machine_limits(repeats: int, worker: "TorchWorker", n: int = 2048, mbytes: i
 
 
 # ------------------------------------------------------------------------------------------ torch worker
+def add_host_memory_argument(parser) -> None:
+  parser.add_argument("--host-memory", choices=["reuse", "default"], default="reuse",
+                      help="reuse: JAX runs with eemo_jax.host_memory.use_host_memory_for_cpu_steps (what "
+                           "`eemo_jax.train` does on the CPU backend) and torch with its malloc half, "
+                           "reuse_freed_host_memory; default: glibc's malloc and JAX's dispatch as they come")
+
+
+def add_lead_in_argument(parser) -> None:
+  parser.add_argument("--lead-in", type=int, default=1,
+                      help="untimed calls of a contestant right before each of its timed calls (see race)")
+
+
+def apply_host_memory(args) -> bool:
+  """Applies --host-memory to this process (before JAX computes anything); True if the torch child should too."""
+  if args.host_memory != "reuse":
+    return False
+  from eemo_jax.host_memory import use_host_memory_for_cpu_steps
+  print(f"[host-memory] keep host memory mapped between steps: {use_host_memory_for_cpu_steps()}", file=sys.stderr)
+  return True
+
+
 class TorchWorker:
   """transformers + torch in a child process that never starts a JAX runtime; it times its own calls.
 
@@ -199,12 +226,15 @@ class TorchWorker:
   OMP_WAIT_POLICY was set), so the reference runs alone, as a torch user would run it.
   """
 
-  def __init__(self, threads: int, extra_ops_module: str | None = None):
+  def __init__(self, threads: int, extra_ops_module: str | None = None, reuse_host_memory: bool = False):
     """`extra_ops_module`: a module (importable from this directory) whose `TORCH_OPS` dict of
-    `op -> fn(state, *args)` the child serves too (e.g. train_step_throughput's training ops)."""
+    `op -> fn(state, *args)` the child serves too (e.g. train_step_throughput's training ops).
+    `reuse_host_memory`: the child applies `eemo_jax.host_memory.reuse_freed_host_memory` first, the
+    allocator setting the JAX side runs with, so both sides run on the same malloc."""
     ctx = multiprocessing.get_context("spawn")
     self.conn, child = ctx.Pipe()
-    self.proc = ctx.Process(target=_torch_worker_main, args=(child, threads, extra_ops_module), daemon=True)
+    self.proc = ctx.Process(target=_torch_worker_main, args=(child, threads, extra_ops_module, reuse_host_memory),
+                            daemon=True)
     self.proc.start()
     OWN_CHILDREN.append(self.proc.pid)
 
@@ -228,10 +258,13 @@ class TorchWorker:
     return self.proc.pid
 
 
-def _torch_worker_main(conn, threads: int, extra_ops_module: str | None = None) -> None:
+def _torch_worker_main(conn, threads: int, extra_ops_module: str | None = None, reuse_host_memory: bool = False) -> None:
   import importlib
   import traceback
 
+  if reuse_host_memory:  # before torch allocates anything
+    from eemo_jax.host_memory import reuse_freed_host_memory
+    reuse_freed_host_memory()
   import torch
   torch.set_num_threads(threads)
   extra = importlib.import_module(extra_ops_module).TORCH_OPS if extra_ops_module else {}
@@ -739,10 +772,12 @@ def main(argv=None) -> int:
   p.add_argument("--max-foreign", type=float, default=0.10,
                   help="redo timed rounds in which other processes used more than this share of the CPU")
   p.add_argument("--settle", type=float, default=0.0, help="seconds of sleep before every timed call")
+  add_host_memory_argument(p)
+  add_lead_in_argument(p)
   p.add_argument("--json", default=None)
   args = p.parse_args(argv)
-  global WAIT_IDLE_S, MAX_FOREIGN, SETTLE_S
-  WAIT_IDLE_S, MAX_FOREIGN, SETTLE_S = args.wait_idle, args.max_foreign, args.settle
+  global WAIT_IDLE_S, MAX_FOREIGN, SETTLE_S, LEAD_IN
+  WAIT_IDLE_S, MAX_FOREIGN, SETTLE_S, LEAD_IN = args.wait_idle, args.max_foreign, args.settle, args.lead_in
   if args.decode_repeats is None:
     args.decode_repeats = args.repeats
 
@@ -750,7 +785,7 @@ def main(argv=None) -> int:
   import jax
   import transformers
 
-  worker = TorchWorker(args.threads)
+  worker = TorchWorker(args.threads, reuse_host_memory=apply_host_memory(args))
   try:
     torch_env = worker.call("env")
     limits = machine_limits(args.repeats, worker)

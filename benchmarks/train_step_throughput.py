@@ -418,15 +418,18 @@ def main(argv=None) -> int:
                  help="before each timed phase wait up to this many seconds for other processes to go idle")
   p.add_argument("--max-foreign", type=float, default=0.10,
                  help="redo timed rounds in which other processes used more than this share of the CPU")
+  mt.add_host_memory_argument(p)
+  mt.add_lead_in_argument(p)
   p.add_argument("--json", default=None)
   args = p.parse_args(argv)
-  mt.WAIT_IDLE_S, mt.MAX_FOREIGN = args.wait_idle, args.max_foreign
+  mt.WAIT_IDLE_S, mt.MAX_FOREIGN, mt.LEAD_IN = args.wait_idle, args.max_foreign, args.lead_in
 
   import flax
   import jax
   import transformers
 
-  worker = mt.TorchWorker(args.threads, extra_ops_module="train_step_throughput")
+  worker = mt.TorchWorker(args.threads, extra_ops_module="train_step_throughput",
+                          reuse_host_memory=mt.apply_host_memory(args))
   try:
     torch_env = worker.call("env")
     limits = mt.machine_limits(args.limit_repeats, worker)

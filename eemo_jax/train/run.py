@@ -21,6 +21,7 @@ from collections.abc import Callable
 import jax
 from flax import nnx
 
+from eemo_jax.host_memory import use_host_memory_for_cpu_steps
 from eemo_jax.model.config import Qwen25VLConfig, preset
 from eemo_jax.model.heads import EmotionHead, HeadConfig
 from eemo_jax.model.lora import LoraConfig, LoraParam, apply_lora
@@ -226,6 +227,7 @@ def train(config, *, tokenizer=None, train_source=None, eval_source=None, progre
   from data_pipeline.tokenizer import load_tokenizer
 
   started = time.time()
+  use_host_memory_for_cpu_steps()  # before the backend starts: the CPU step's buffers stay mapped
   t = config.train
   run_dir = t.run_dir
   is_main = jax.process_index() == 0
