@@ -97,6 +97,7 @@ def compile_for_topology(config, topology: str) -> AotReport:
   pcfg = runlib.pipeline_config(config, arch)
   if config.aot.batch_size:
     pcfg = dataclasses.replace(pcfg, batch_size=int(config.aot.batch_size))
+  runlib.check_rows_shard(pcfg.batch_size, mesh)  # one process here holds the whole global batch
   with jax.set_mesh(mesh):
     graphdef, state = abstract_train_state(lambda: runlib.build_model(config, arch, head_cfg), optimizer, mesh,
                                            rules, trainable=trainable, seed=config.train.seed)
@@ -170,7 +171,7 @@ def describe(report: AotReport) -> str:
 
 
 def run(args) -> int:
-  from eemo_jax.config import config_from_args
+  from eemo_jax.config import ConfigError, config_from_args
   config = config_from_args(args, "aot")
   if config is None:
     return 2
@@ -181,7 +182,7 @@ def run(args) -> int:
     print(f"{error}\n-> DOES NOT FIT: lower data.seq_len, the batch per microbatch (more optimizer.accum_steps), "
           "use model.remat=full, or a larger slice / tensor parallelism (mesh.tensor)")
     return 1
-  except RuntimeError as error:
+  except (RuntimeError, ConfigError) as error:
     print(f"eemo-jax aot: {error}", file=sys.stderr)
     return 2
   print(describe(report))

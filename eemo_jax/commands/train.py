@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from eemo_jax.config import add_config_argument, config_from_args
+from eemo_jax.config import ConfigError, add_config_argument, config_from_args
 
 
 def add_arguments(parser, name):
@@ -29,6 +29,9 @@ def run(args) -> int:
   except NonFiniteLossError as error:
     print(f"eemo-jax train: {error}", file=sys.stderr)
     return 3
+  except ConfigError as error:
+    print(f"eemo-jax train: {error}", file=sys.stderr)
+    return 2
   print(f"done: {summary.steps} steps in {summary.seconds:.0f} s; run directory {summary.run_dir}")
   if summary.eval_metrics:
     print("eval: " + "  ".join(f"{k} {v:.4g}" for k, v in summary.eval_metrics.items()))

@@ -21,6 +21,7 @@ from collections.abc import Callable
 import jax
 from flax import nnx
 
+from eemo_jax.config import ConfigError
 from eemo_jax.host_memory import use_host_memory_for_cpu_steps
 from eemo_jax.model.config import Qwen25VLConfig, preset
 from eemo_jax.model.heads import EmotionHead, HeadConfig
@@ -169,6 +170,20 @@ def pipeline_config(config, arch: Qwen25VLConfig, *, split: str | None = None, e
   return PipelineConfig(**fields)
 
 
+def check_rows_shard(rows: int, mesh) -> None:
+  """Raises unless the mesh's batch axes divide the rows of a global microbatch.
+
+  The batch axis is sharded over `data` x `fsdp`; a row count they do not divide cannot be sharded and
+  would silently stay whole on every device (a 32-row microbatch on v5p:4x4x4's 64 chips compiled to
+  46 GiB per chip instead of a fraction of it).
+  """
+  shards = int(mesh.shape["data"]) * int(mesh.shape["fsdp"])
+  if rows % shards:
+    raise ConfigError(f"a microbatch holds {rows} rows, which the mesh's data x fsdp = {shards} devices do not divide, "
+                     f"so the batch could not be sharded. Make train.global_batch_size / optimizer.accum_steps a "
+                     f"multiple of {shards}, or change the mesh")
+
+
 def optimizer_settings(config, total_steps: int) -> OptimizerConfig:
   o = config.optimizer
   return OptimizerConfig(learning_rate=o.learning_rate, warmup_steps=int(round(o.warmup_ratio * total_steps)),
@@ -247,6 +262,7 @@ def train(config, *, tokenizer=None, train_source=None, eval_source=None, progre
   rules = tuple(tuple(r) for r in config.rules)
   trainable = trainable_set(config, head_cfg is not None)
   pcfg = dataclasses.replace(pipeline_config(config, arch), tokenizer_dir=tokenizer_dir)
+  check_rows_shard(pcfg.batch_size * jax.process_count(), mesh)
 
   # Length of the run.
   if t.steps:

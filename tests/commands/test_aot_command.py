@@ -31,3 +31,10 @@ def test_unknown_topology_explains():
   result = _aot("--config", "configs/tiny_demo.py", "--topology", "v9z:1x1")
   assert result.returncode == 2
   assert "cannot describe TPU topology 'v9z:1x1'" in result.stderr
+
+
+def test_a_batch_the_mesh_cannot_shard_is_refused():
+  result = _aot("--config", "configs/tiny_demo.py", "--topology", "v5e:2x2", "--config.mesh.fsdp=-1",
+                "--config.train.global_batch_size=6")
+  assert result.returncode == 2
+  assert "6 rows, which the mesh's data x fsdp = 4 devices do not divide" in result.stderr
