@@ -49,7 +49,7 @@ TARGETS = {  # JAX/reference throughput ratios the issue asks for
 # Sleep before every timed call (--settle). 0 by default: measured, a 20 ms idle gap made torch's next call
 # slower (tiny prefill 12.5 -> 17 ms: its OpenMP threads fall asleep) and did not help JAX.
 SETTLE_S = 0.0
-LEAD_IN = 1  # untimed calls of a contestant before each of its timed calls (--lead-in)
+LEAD_IN_S = 0.02  # seconds of untimed calls of a contestant before each of its timed calls (--lead-in-ms)
 
 
 # ------------------------------------------------------------------------------------------ timing
@@ -57,10 +57,12 @@ def race(contestants: dict[str, Callable[[], object]], repeats: int, warmup: int
          min_seconds: float = 0.0) -> dict[str, list[float]]:
   """Runs every contestant `warmup` times, then `repeats` interleaved rounds; returns seconds per run.
 
-  Each round runs every contestant once (rotating order), each timed call right after LEAD_IN untimed
-  calls of the same contestant, so that it runs as in its own loop and not straight after the other
-  framework (whose OpenMP threads keep spinning for a while after a call: the tiny JAX train step took
-  15 ms alone and ~30 ms right after a torch step). A round during which other processes used
+  Each round runs every contestant once (rotating order), each timed call right after untimed calls of
+  the same contestant lasting at least LEAD_IN_S (one call at least), so that it runs as in its own loop
+  and not straight after the other framework, whose OpenMP threads keep spinning for milliseconds after
+  a call (GNU OpenMP's default spin): the tiny JAX prefill took 3.1 ms alone, 4.2 ms after one 3 ms
+  lead-in call and 3.2 ms after three; the tiny JAX train step 15 ms alone, ~30 ms right after a torch
+  step. A round during which other processes used
   more than MAX_FOREIGN of the machine's CPU is thrown away and redone (after waiting for the machine
   to go idle, with --wait-idle), up to 3x `repeats` rounds in all; if clean rounds run out, the
   least-disturbed ones are kept. FOREIGN_CPU gets (mean foreign share of the kept rounds, rounds dropped).
@@ -82,7 +84,9 @@ def race(contestants: dict[str, Callable[[], object]], repeats: int, warmup: int
     snap = cpu_snapshot()
     got = {}
     for name in order:
-      for _ in range(LEAD_IN):
+      lead_in_end = time.perf_counter() + LEAD_IN_S
+      contestants[name]()
+      while time.perf_counter() < lead_in_end:
         contestants[name]()
       time.sleep(SETTLE_S)
       t0 = time.perf_counter()
@@ -204,8 +208,9 @@ def add_host_memory_argument(parser) -> None:
 
 
 def add_lead_in_argument(parser) -> None:
-  parser.add_argument("--lead-in", type=int, default=1,
-                      help="untimed calls of a contestant right before each of its timed calls (see race)")
+  parser.add_argument("--lead-in-ms", type=float, default=20.0,
+                      help="untimed calls of a contestant, for at least this long, right before each of its timed "
+                           "calls (see race)")
 
 
 def apply_host_memory(args) -> bool:
@@ -776,8 +781,8 @@ def main(argv=None) -> int:
   add_lead_in_argument(p)
   p.add_argument("--json", default=None)
   args = p.parse_args(argv)
-  global WAIT_IDLE_S, MAX_FOREIGN, SETTLE_S, LEAD_IN
-  WAIT_IDLE_S, MAX_FOREIGN, SETTLE_S, LEAD_IN = args.wait_idle, args.max_foreign, args.settle, args.lead_in
+  global WAIT_IDLE_S, MAX_FOREIGN, SETTLE_S, LEAD_IN_S
+  WAIT_IDLE_S, MAX_FOREIGN, SETTLE_S, LEAD_IN_S = args.wait_idle, args.max_foreign, args.settle, args.lead_in_ms / 1e3
   if args.decode_repeats is None:
     args.decode_repeats = args.repeats
 

@@ -422,7 +422,7 @@ def main(argv=None) -> int:
   mt.add_lead_in_argument(p)
   p.add_argument("--json", default=None)
   args = p.parse_args(argv)
-  mt.WAIT_IDLE_S, mt.MAX_FOREIGN, mt.LEAD_IN = args.wait_idle, args.max_foreign, args.lead_in
+  mt.WAIT_IDLE_S, mt.MAX_FOREIGN, mt.LEAD_IN_S = args.wait_idle, args.max_foreign, args.lead_in_ms / 1e3
 
   import flax
   import jax

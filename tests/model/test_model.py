@@ -9,6 +9,7 @@ from flax import nnx
 
 from eemo_jax.model import config as cfglib
 from eemo_jax.model.attention import attention, causal_mask, segment_mask
+from eemo_jax.model.layers import layer_runs
 from eemo_jax.model.qwen25vl import Qwen25VL, prepare_inputs
 from hf_fixtures import make_batch
 
@@ -154,3 +155,13 @@ def test_program_size_does_not_grow_with_depth():
   """Layers are scanned: 4x the depth must not give a bigger program (compile time stays flat)."""
   shallow, deep = _hlo_size(8, 2), _hlo_size(32, 8)
   assert deep <= shallow * 1.02, (shallow, deep)
+
+
+@pytest.mark.parametrize("kinds, period, runs", [
+    ([0] * 7 + [1] + [0] * 7 + [1] + [0] * 7 + [1] + [0] * 7 + [1], 8, [(0, 7, 0), (7, 8, 1)]),  # Qwen2.5-VL 3B/7B
+    ([0, 1, 0], 3, [(0, 1, 0), (1, 2, 1), (2, 3, 0)]),  # not periodic: the whole depth is one period
+    ([0, 0, 0, 0], 1, [(0, 1, 0)]),
+    ([1, 0, 1, 0], 2, [(0, 1, 1), (1, 2, 0)]),
+])
+def test_layer_runs_finds_the_shortest_period_and_its_runs(kinds, period, runs):
+  assert layer_runs(kinds) == (period, runs)

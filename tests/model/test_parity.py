@@ -22,6 +22,8 @@ def _valid_max_diff(ours, ref, mask):
     pytest.param(dict(tie=False, fullatt=(1,)), id="untied-fullatt1"),
     pytest.param(dict(tie=True, fullatt=()), id="tied-no-fullatt"),
     pytest.param(dict(tie=False, fullatt=(0, 2)), id="untied-fullatt02"),
+    # Periodic, as Qwen2.5-VL's every-8th: the period is scanned, its run of window blocks scanned inside.
+    pytest.param(dict(tie=False, fullatt=(2, 5), depth=6), id="untied-fullatt-every-3rd"),
 ])
 def models(request, tmp_path_factory):
   folder = str(tmp_path_factory.mktemp("hf"))
