@@ -168,7 +168,7 @@ def run_pipeline(config, tokenizer, warmup: int = 1) -> tuple[int, float, tuple[
     t0 = time.perf_counter()
     it = pipeline.make_iterator(config, tokenizer=tokenizer)
     first, batches = None, 0
-    for batch in it:
+    for _ in it:
       batches += 1
       if batches == warmup:
         first = (it.counters.examples, time.perf_counter() - t0)
@@ -211,15 +211,19 @@ def stage_profile(config, tokenizer, source, n: int) -> dict[str, float]:
     times["whole example (ExampleMaker)"].append(time.perf_counter() - t)
   out = {k: 1e3 * statistics.median(v) for k, v in times.items()}
   from data_pipeline.batching import BatchBuilder
-  per_batch = []
-  for start in range(0, len(examples) - config.batch_size + 1, config.batch_size):
-    builder = BatchBuilder(maker.layout)
-    for ex in examples[start:start + config.batch_size]:
-      builder.add(ex)
-    t = time.perf_counter()
-    builder.assemble()
-    per_batch.append((time.perf_counter() - t) / len(builder))
-  out["batch assembly (pad, normalise into the vision slots), per example"] = 1e3 * statistics.median(per_batch)
+  labels = {"float32": "batch assembly (pad, normalise into the vision slots), per example",
+            "uint8": "batch assembly, uint8 pixels (pad, place levels in the vision slots), per example"}
+  for dtype, label in labels.items():
+    layout = dataclasses.replace(maker.layout, pixel_dtype=dtype)
+    per_batch = []
+    for start in range(0, len(examples) - config.batch_size + 1, config.batch_size):
+      builder = BatchBuilder(layout)
+      for ex in examples[start:start + config.batch_size]:
+        builder.add(ex)
+      t = time.perf_counter()
+      builder.assemble()
+      per_batch.append((time.perf_counter() - t) / len(builder))
+    out[label] = 1e3 * statistics.median(per_batch)
   patches = [len(ex["patches"]) for ex in examples]
   return out | {"_patches": float(np.mean(patches)), "_tokens": float(np.mean([len(e["input_ids"]) for e in examples]))}
 
@@ -334,10 +338,6 @@ def main(argv=None) -> int:
           f"{share:.0%} |")
 
   profile = stage_profile(base, tokenizer, source, min(args.profile, len(source)))
-  levels = stage_profile(dataclasses.replace(base, pixel_dtype="uint8"), tokenizer, source,
-                         min(args.profile, len(source)))
-  key = "batch assembly (pad, normalise into the vision slots), per example"
-  profile["batch assembly, uint8 pixels (pad, place levels in the vision slots), per example"] = levels[key]
   profile["uint8 pixels: the lookup on the device (jitted, this CPU), per example"] = device_lookup_ms(
       dataclasses.replace(base, pixel_dtype="uint8"), tokenizer)
   hf = hf_profile(processor, source, base, min(args.profile, len(source)))

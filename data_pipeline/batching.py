@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -231,22 +232,29 @@ def _vision_inputs(patches: list[np.ndarray], grids: list[np.ndarray], layout: B
   if raw.shape[1:] != (c, p, p) or len(raw) != vision.num_patches:
     raise ValueError(f"the images have patches of shape {raw.shape} but their grids {grid.tolist()} need "
                      f"({vision.num_patches}, {c}, {p}, {p})")
-  table = _normalization_table(tuple(layout.image_mean), tuple(layout.image_std))  # (C, 256) float32
   dtype = PIXEL_DTYPES[layout.pixel_dtype]
   pixels = np.empty((len(raw), c, t, p, p), dtype)  # pixel_values rows: (channel, time, py, px)
+  levels = None
   if dtype == np.uint8:
     pixels[:, :, 0] = raw
-    levels = tuple(tuple(float(v) for v in row) for row in table)
+    levels = _level_table(tuple(layout.image_mean), tuple(layout.image_std))
   else:
+    table = _normalization_table(tuple(layout.image_mean), tuple(layout.image_std)).astype(dtype)  # (C, 256)
     for channel in range(c):
-      np.take(table[channel].astype(dtype), raw[:, channel], out=pixels[:, channel, 0], mode="clip")
-    levels = None
+      np.take(table[channel], raw[:, channel], out=pixels[:, channel, 0], mode="clip")
   pixels[:, :, 1:] = pixels[:, :, :1]  # an image is one frame repeated over the temporal patch
   slots = np.zeros((vision.patch_budget, config.patch_dim), dtype)  # (S_pad, patch_dim), padding zero
   slots[vision.raster_slot[:len(raw)]] = pixels.reshape(len(raw), config.patch_dim)
   return VisionInputs(pixel_values=slots, raster_slot=vision.raster_slot, window_segment_ids=vision.window_segment_ids,
                       full_segment_ids=vision.full_segment_ids, rope_positions=vision.rope_positions,
                       pixel_levels=levels)
+
+
+@functools.lru_cache(maxsize=8)
+def _level_table(mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[tuple[float, ...], ...]:
+  """`_normalization_table` as `VisionInputs.pixel_levels` (static, hashable). Cached: every batch then holds
+  the same object, which the jit cache compares by identity."""
+  return tuple(tuple(float(v) for v in row) for row in _normalization_table(mean, std))
 
 
 def empty_batch(layout: BatchLayout) -> dict[str, Any]:
