@@ -22,27 +22,69 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
   mask: bool, broadcastable to (batch, 1, q_len, kv_len), True where the key is visible.
   Returns (batch, q_len, heads, head_dim) in q's dtype.
   """
-  scale = q.shape[-1] ** -0.5
   if implementation == "cudnn":
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=q.shape[-1] ** -0.5, implementation="cudnn")
   if implementation != "xla":
     raise ValueError(f"Unknown attention implementation {implementation!r}; use 'xla' or 'cudnn'")
   b, lq, h, d = q.shape
   kv_heads = k.shape[2]
-  groups = h // kv_heads
   # Heads-major before the matmuls: query head j*groups + g reads kv head j (HF's repeat_kv, with
   # no copy of K/V), and XLA needs no transposes of the (q_len, kv_len) score matrix.
-  qh = q.reshape(b, lq, kv_heads, groups, d).transpose(0, 2, 3, 1, 4)  # (batch, kv_heads, groups, q_len, hd)
+  qh = q.reshape(b, lq, kv_heads, h // kv_heads, d).transpose(0, 2, 3, 1, 4)  # (batch, kv_heads, groups, q_len, hd)
   kh = k.transpose(0, 2, 1, 3)  # (batch, kv_heads, kv_len, head_dim)
   vh = v.transpose(0, 2, 1, 3)
-  scores = jnp.einsum("bkgqd,bksd->bkgqs", qh, kh, preferred_element_type=jnp.float32) * scale
-  # (batch, kv_heads, groups, q_len, kv_len); fully masked rows (padding queries) become uniform, not NaN.
-  scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
-  # Softmax over (rows, kv_len): the same values, but XLA:CPU turned the 5-D form's backward row sums into
-  # one YNNPACK reduction that took ~3.5 ms of the tiny model's 15 ms train step (the 2-D form: ~0.3 ms).
-  probs = jax.nn.softmax(scores.reshape(-1, scores.shape[-1]), axis=-1).reshape(scores.shape).astype(v.dtype)
-  out = jnp.einsum("bkgqs,bksd->bkgqd", probs, vh)  # (batch, kv_heads, groups, q_len, head_dim)
+  out = _attend(qh, kh, vh, jnp.broadcast_to(mask, (b, 1, lq, kh.shape[2])))
   return out.transpose(0, 3, 1, 2, 4).reshape(b, lq, h, d)
+
+
+def _probabilities(qh: jax.Array, kh: jax.Array, mask: jax.Array) -> jax.Array:
+  """fp32 softmax of the masked, scaled scores: (batch, kv_heads, groups, q_len, kv_len)."""
+  scale = qh.shape[-1] ** -0.5
+  scores = jnp.einsum("bkgqd,bksd->bkgqs", qh, kh, preferred_element_type=jnp.float32) * scale
+  # Fully masked rows (padding queries) become uniform, not NaN.
+  scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+  # Softmax over (rows, kv_len): the same values, but XLA:CPU turned the 5-D form's row sums into one
+  # slow YNNPACK reduction (~3.5 ms of the tiny model's 15 ms train step; the 2-D form: ~0.3 ms).
+  return jax.nn.softmax(scores.reshape(-1, scores.shape[-1]), axis=-1).reshape(scores.shape)
+
+
+@jax.custom_vjp
+def _attend(qh: jax.Array, kh: jax.Array, vh: jax.Array, mask: jax.Array) -> jax.Array:
+  """softmax(q k^T * scale, masked) v on heads-major operands; mask (batch, 1, q_len, kv_len) bool.
+
+  The backward pass is written out (it is the standard one) so that every matmul reads its large
+  operand, the (q_len, kv_len) matrix, in the layout it is stored in: dK and dV are computed
+  transposed, (head_dim, kv_len), so only the small (q_len, head_dim) operands are transposed.
+  Left to autodiff, XLA:CPU transposed the score gradient instead, a strided copy that took ~0.5 ms
+  per full-attention block of the tiny model (a third of that block's attention time).
+  """
+  return _attend_forward(qh, kh, vh, mask)[0]
+
+
+def _attend_forward(qh, kh, vh, mask):
+  probs = _probabilities(qh, kh, mask)
+  out = jnp.einsum("bkgqs,bksd->bkgqd", probs.astype(vh.dtype), vh)  # (batch, kv_heads, groups, q_len, hd)
+  return out, (qh, kh, vh, mask, probs)
+
+
+def _attend_backward(residuals, d_out):
+  qh, kh, vh, mask, probs = residuals
+  scale = qh.shape[-1] ** -0.5
+  d_probs = jnp.einsum("bkgqd,bksd->bkgqs", d_out, vh, preferred_element_type=jnp.float32)
+  rows = probs.reshape(-1, probs.shape[-1])  # (rows, kv_len), as in the forward softmax
+  d_rows = d_probs.reshape(rows.shape)
+  d_scores = rows * (d_rows - jnp.sum(rows * d_rows, axis=-1, keepdims=True))  # softmax backward
+  # Masked scores were constants: no gradient (this matters only for fully masked rows, where probs
+  # are uniform rather than 0). The scale comes last, as the forward applied it to the scores.
+  d_scores = jnp.where(mask[:, :, None], d_scores.reshape(probs.shape), 0.0) * scale
+  d_q = jnp.einsum("bkgqs,bksd->bkgqd", d_scores.astype(kh.dtype), kh)
+  d_k = jnp.einsum("bkgqd,bkgqs->bkds", qh, d_scores.astype(qh.dtype))  # (batch, kv_heads, hd, kv_len)
+  d_v = jnp.einsum("bkgqd,bkgqs->bkds", d_out, probs.astype(d_out.dtype))
+  return (d_q.astype(qh.dtype), d_k.swapaxes(-1, -2).astype(kh.dtype), d_v.swapaxes(-1, -2).astype(vh.dtype),
+          None)
+
+
+_attend.defvjp(_attend_forward, _attend_backward)
 
 
 def causal_mask(attention_mask: jax.Array, q_slots: jax.Array, kv_len: int) -> jax.Array:
