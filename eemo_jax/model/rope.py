@@ -55,11 +55,11 @@ def vision_cos_sin(rope_positions: jax.Array, head_dim: int, theta: float) -> tu
   duplicate.
   """
   inv_freq = inverse_frequencies(head_dim // 2, theta)  # (head_dim/4,)
-  ids = jnp.arange(rope_positions.shape[0], dtype=jnp.float32)
-  angles = ids[:, None] * inv_freq  # (patches, head_dim/4): angle of every possible id
+  n = rope_positions.shape[0]
+  angles = jnp.arange(n, dtype=jnp.float32)[:, None] * inv_freq  # (ids, head_dim/4): every possible id
 
-  def per_patch(table):  # (patches, head_dim/4) -> (patches, head_dim)
-    half = jnp.concatenate([table[rope_positions[:, 0]], table[rope_positions[:, 1]]], axis=-1)
+  def per_patch(table):  # (ids, head_dim/4) -> (patches, head_dim)
+    half = table[rope_positions].reshape(n, -1)  # row frequencies, then column ones
     return jnp.concatenate([half, half], axis=-1)
 
   return per_patch(jnp.cos(angles)), per_patch(jnp.sin(angles))
