@@ -92,8 +92,21 @@ def cross_entropy_sums(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array
   log_z = jax.nn.logsumexp(logits, axis=-1)
   picked = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
   nll = jnp.where(valid, log_z - picked, 0.0)
-  correct = valid & (jnp.argmax(logits, axis=-1) == safe)
+  correct = valid & _is_argmax(logits, safe, picked)
   return nll.sum(), correct.sum().astype(jnp.float32), valid.sum().astype(jnp.float32)
+
+
+def _is_argmax(logits: jax.Array, index: jax.Array, picked: jax.Array) -> jax.Array:
+  """`argmax(logits, -1) == index` (the first maximum wins ties), from two plain max-reductions.
+
+  `index` is the argmax iff its logit `picked` is the row maximum and every logit before it is
+  smaller. XLA:CPU runs argmax as a (value, index) pair reduction: on the `small` benchmark's
+  (4, 130, 32000) logits this function's old argmax form took 47 ms, this one 27 ms.
+  """
+  top = jnp.max(logits, axis=-1)
+  ids = jnp.arange(logits.shape[-1])
+  before = jnp.max(jnp.where(ids < index[..., None], logits, -jnp.inf), axis=-1)  # -inf when index is 0
+  return (picked >= top) & ((before < picked) | (index == 0))  # index 0 also wins a row of -inf
 
 
 def lm_loss_sums(hidden: jax.Array, labels: jax.Array, project: Callable[[jax.Array], jax.Array], *,

@@ -38,6 +38,23 @@ def test_cross_entropy_and_accuracy_match_torch():
   assert correct >= 4
 
 
+def test_accuracy_breaks_ties_as_argmax_does():
+  """Tied maxima count as correct only for the first of them (torch's and numpy's argmax)."""
+  rs = np.random.RandomState(1)
+  logits = rs.randint(0, 3, size=(4, 9, 6)).astype(np.float32)  # many tied maxima per row
+  logits[0, :2] = -np.inf  # rows with every logit -inf: argmax is 0
+  labels = rs.randint(0, 6, size=(4, 9))
+  labels[0, :2] = 0, 3
+  labels[1] = torch.tensor(logits[1]).argmax(-1).numpy()  # every row of this one correct
+  labels[2, 0] = IGNORE_INDEX
+  _, correct, count = losses.cross_entropy_sums(jnp.asarray(logits), jnp.asarray(labels))
+  t_labels = torch.tensor(labels)
+  expected = ((torch.tensor(logits).argmax(-1) == t_labels) & (t_labels != IGNORE_INDEX)).sum().item()
+  assert count == 35
+  assert correct == expected
+  assert expected > 9  # the forced rows and some chance hits among the ties
+
+
 def test_bf16_logits_are_upcast_before_the_softmax():
   """HF casts logits to fp32 before the loss; so does cross_entropy_sums, whatever the compute dtype."""
   rs = np.random.RandomState(1)
