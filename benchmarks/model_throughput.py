@@ -158,6 +158,22 @@ def med(xs):
   return statistics.median(xs)
 
 
+def paired_ratio(slow: list[float], fast: list[float], *, level: float = 0.9, resamples: int = 2000,
+                 seed: int = 0) -> dict[str, float]:
+  """Median over rounds of slow[i] / fast[i], with a bootstrap `level` interval of that median.
+
+  `race` times every contestant once per round, within about a second, so the two times of a round
+  saw the same machine; their ratio cancels the drift between rounds (this VM's speed wanders by
+  up to 1.5x within minutes) that the ratio of the two medians carries.
+  """
+  ratios = np.asarray(slow, float) / np.asarray(fast, float)
+  rng = np.random.default_rng(seed)
+  boot = np.median(rng.choice(ratios, size=(resamples, len(ratios)), replace=True), axis=1)
+  tail = (1 - level) / 2
+  return {"median": float(np.median(ratios)), "low": float(np.quantile(boot, tail)),
+          "high": float(np.quantile(boot, 1 - tail)), "level": level, "rounds": len(ratios)}
+
+
 # ------------------------------------------------------------------------------------------ machine limits
 def machine_limits(repeats: int, worker: "TorchWorker", n: int = 2048, mbytes: int = 512) -> dict:
   import jax

@@ -217,6 +217,8 @@ def bench_config(name: str, args, limits: dict, worker: mt.TorchWorker) -> dict:
                        "mfu": flops / tmed / 1e9 / limits["peak_gflops"], "times_ms": [1e3 * x for x in ts],
                        "sys_ms": 1e3 * mt.med([c[0] for c in timed]),
                        "faulted_mb": mt.med([c[1] for c in timed]) * resource.getpagesize() / 2**20}
+  ref = min((f"torch_{impl}" for impl in IMPLS), key=lambda k: res["train"][k]["median_ms"])
+  res["paired_ratio"] = {"ref": ref, **mt.paired_ratio(times[ref], times["jax"])}
   mt._print_progress(name, "train step", {k: {"median_ms": v["median_ms"], "mfu": v["mfu"]}
                                           for k, v in res["train"].items()})
 
@@ -363,6 +365,10 @@ def print_table(limits: dict, results: list[dict]) -> None:
     rows.append((name, f"train tok/s (B={r['batch']}xL={r['seq_len']})", *cols(lambda v: f"{v['tokens_per_s']:.0f}"),
                  ref[6:], f"{ratio:.2f}x", f"{best:.2f}x", f">={tgt}x" if tgt else "",
                  ("yes" if ratio >= tgt else "NO") if tgt else ""))
+    pr = r["paired_ratio"]
+    rows.append((name, f"paired JAX/{pr['ref'][6:]} (median, {pr['level']:.0%} CI)", "", "", "", "",
+                 f"{pr['median']:.2f}x", f"[{pr['low']:.2f}, {pr['high']:.2f}]", f">={tgt}x" if tgt else "",
+                 ("yes" if pr["low"] >= tgt else "NO") if tgt else ""))
     rows.append((name, "step ms median", *cols(lambda v: f"{v['median_ms']:.1f}")))
     rows.append((name, "step ms best", *cols(lambda v: f"{v['min_ms']:.1f}")))
     rows.append((name, "MFU (analytic FLOPs / peak)", *cols(lambda v: f"{v['mfu']:.1%}")))
@@ -391,8 +397,10 @@ def print_table(limits: dict, results: list[dict]) -> None:
           f"{r['label_tokens']} label tokens; max |dloss| JAX vs torch: step 1 {r['max_abs_dloss_step1']:.1e}, "
           f"step 2 {r['max_abs_dloss_step2']:.1e}")
   print("Ratios are JAX/ref tokens/s of the medians; ref = the faster of torch eager and sdpa; best-of = the same "
-        "ratio from each side's fastest step. MFU counts the same analytic FLOPs for both sides (train_step_flops, "
-        "including the LM-head recompute only JAX's chunked loss does).")
+        "ratio from each side's fastest step. Paired = the median over rounds of ref/JAX step time within each "
+        "round (it cancels the machine's drift between rounds), with a bootstrap interval; its 'ok' asks the "
+        "interval's low end to clear the target. MFU counts the same analytic FLOPs for both sides "
+        "(train_step_flops, including the LM-head recompute only JAX's chunked loss does).")
   fmt = lambda x: f"{x[0]:.0%} ({x[1]} rounds redone)"
   loads = [f"limits {fmt(limits['foreign_cpu'][0])}"] + [f"{r['config']} {fmt(r['foreign_cpu'])}" for r in results]
   print("CPU used by other processes in the kept timed rounds (0% = machine was ours): " + ", ".join(loads))
