@@ -39,12 +39,41 @@ class Linear(nnx.Module):
     self.lora = nnx.data(None)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = jnp.dot(x, self.kernel[...].astype(x.dtype))
+    y = matmul(x, self.kernel[...].astype(x.dtype))
     if self.bias is not None:
       y = y + self.bias[...].astype(x.dtype)
     if self.lora is not None:
       y = y + self.lora(x)
     return y
+
+
+@jax.custom_vjp
+def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+  """`x @ w` for x (..., in), whose weight gradient contracts the leading axes as one rows axis.
+
+  Autodiff of `jnp.dot` gives the weight gradient as one matmul contracting (batch, seq). XLA:CPU
+  canonicalises that by writing the output gradient out a second time, transposed (17 strided
+  copies per tiny-model train step); merged rows need none, and the `small` benchmark's train step
+  ran 10% faster. Only the backward pass reshapes: reshaping the forward's activations instead cost
+  0.24 GiB more temporaries per device in the 3B step on a TPU v5e (AOT), and this form none.
+  Remat policies still see the forward matmul (`dots_saveable` keeps its output).
+  """
+  return jnp.dot(x, w)
+
+
+def _matmul_forward(x, w):
+  return jnp.dot(x, w), (x, w)
+
+
+def _matmul_backward(residuals, dy):
+  x, w = residuals
+  dx = jnp.dot(dy, w.T)
+  # A frozen kernel's gradient is unused, and XLA drops its matmul as dead code.
+  dw = jnp.dot(x.reshape(-1, x.shape[-1]).T, dy.reshape(-1, dy.shape[-1]))
+  return dx, dw
+
+
+matmul.defvjp(_matmul_forward, _matmul_backward)
 
 
 class RMSNorm(nnx.Module):
@@ -70,7 +99,7 @@ class Embed(nnx.Module):
 
   def attend(self, x: jax.Array) -> jax.Array:
     """Tied output head: `x @ embedding.T`."""
-    return jnp.dot(x, self.embedding[...].astype(x.dtype).T)
+    return matmul(x, self.embedding[...].astype(x.dtype).T)
 
 
 class SwiGLU(nnx.Module):

@@ -42,7 +42,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from eemo_jax.model.layers import Linear
+from eemo_jax.model.layers import Linear, matmul
 from eemo_jax.parallel.sharding import DEFAULT_RULES, current_mesh, spec_for
 
 ALL_LINEAR = "all-linear"
@@ -134,8 +134,8 @@ class LoraAdapter(nnx.Module):
       key = jax.random.wrap_key_data(self.dropout_key[...], impl=DROPOUT_KEY_IMPL)
       keep = jax.random.bernoulli(key, 1.0 - self.dropout, x.shape)
       x = jnp.where(keep, x / (1.0 - self.dropout), jnp.zeros_like(x))
-    h = jnp.dot(x, self.lora_a[...].astype(x.dtype))  # (..., rank)
-    return jnp.dot(h, self.lora_b[...].astype(x.dtype)) * jnp.asarray(self.scale, x.dtype)
+    h = matmul(x, self.lora_a[...].astype(x.dtype))  # (..., rank)
+    return matmul(h, self.lora_b[...].astype(x.dtype)) * jnp.asarray(self.scale, x.dtype)
 
   def set_view(self, deterministic: bool | None = None):
     """For `nnx.view(model, deterministic=...)`: True turns the LoRA dropout off."""
