@@ -52,7 +52,9 @@ class TextAttention(nnx.Module):
       k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), cache_index, axis=1)
       v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), cache_index, axis=1)
       k, v, kv = k_cache.astype(x.dtype), v_cache.astype(x.dtype), (k_cache, v_cache)
-    out = attention(q, k, v, mask, implementation=implementation)
+    # Without a cache (and slots from 0), query i is key i and `causal_mask` hides every later key.
+    causal = kv is None and isinstance(cache_index, int) and cache_index == 0
+    out = attention(q, k, v, mask, implementation=implementation, causal=causal)
     return self.o_proj(out.reshape(b, l, -1)), kv
 
 

@@ -56,6 +56,20 @@ def test_logits_match_transformers(models, case):
   assert _valid_max_diff(ours, expected, batch["attention_mask"]) <= TOL
 
 
+@pytest.mark.parametrize("pad", ["left", "right"])
+def test_long_rows_match_transformers(models, pad):
+  """Rows long enough (135 and 73 tokens) that causal text attention runs in query chunks
+  (`attention.causal_chunk_bounds`: three for the padded batch) give transformers' logits."""
+  model, ref = models
+  rs = np.random.RandomState(7)
+  batch = make_batch([[(1, 16, 16)], [(1, 4, 6)]], pad=pad, seed=7,
+                     extra_text=[list(rs.randint(0, 100, 60)), list(rs.randint(0, 100, 60))])
+  assert batch["input_ids"].shape[1] >= 120
+  expected = torch_logits(ref, batch)
+  ours = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["image_grid_thw"]).logits
+  assert _valid_max_diff(ours, expected, batch["attention_mask"]) <= TOL
+
+
 def test_left_padded_text_matches_generate_positions(models):
   """Text-only rows count positions from the first real token, as HF `generate` does.
 
