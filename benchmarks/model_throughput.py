@@ -480,7 +480,7 @@ def prefill_flops(cfg, batch_np, vision_inputs) -> dict[str, float]:
   tok = b * l
   dm, kvd = t.hidden_size, t.num_key_value_heads * t.head_dim
   out["text_matmul"] = t.num_hidden_layers * 2.0 * tok * (2 * dm * dm + 2 * dm * kvd + 3 * dm * t.intermediate_size)
-  out["text_attn"] = t.num_hidden_layers * 4.0 * b * l * l * dm  # full L x L as both frameworks compute it
+  out["text_attn"] = t.num_hidden_layers * 4.0 * b * l * l * dm  # full L x L (JAX's causal chunks skip ~1/3)
   out["lm_head"] = 2.0 * tok * dm * t.vocab_size
   out["total"] = out["vision_matmul"] + out["vision_attn"] + out["text_matmul"] + out["text_attn"] + out["lm_head"]
   return out
