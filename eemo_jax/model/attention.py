@@ -22,12 +22,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
   mask: bool, broadcastable to (batch, 1, q_len, kv_len), True where the key is visible.
   causal: the caller promises that `mask` hides every key after its query, query i sitting at key
   position i (q_len == kv_len: training, or a forward pass without a KV cache). The mask still
-  decides what is visible; the XLA implementation only uses the promise to skip the score blocks
-  above the diagonal (`causal_chunk_bounds`), which the mask would hide anyway.
+  decides what is visible; the implementations only use the promise to skip the score blocks above
+  the diagonal, which the mask would hide anyway (XLA: `causal_chunk_bounds`; cuDNN: `is_causal`).
   Returns (batch, q_len, heads, head_dim) in q's dtype.
   """
-  if implementation == "cudnn":
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=q.shape[-1] ** -0.5, implementation="cudnn")
+  if implementation == "cudnn":  # with is_causal, cuDNN skips the blocks above the diagonal itself
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=q.shape[-1] ** -0.5, is_causal=causal,
+                                        implementation="cudnn")
   if implementation != "xla":
     raise ValueError(f"Unknown attention implementation {implementation!r}; use 'xla' or 'cudnn'")
   if not causal:
