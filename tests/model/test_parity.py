@@ -58,7 +58,7 @@ def test_logits_match_transformers(models, case):
 
 @pytest.mark.parametrize("pad", ["left", "right"])
 def test_long_rows_match_transformers(models, pad):
-  """Rows long enough (135 and 73 tokens) that causal text attention runs in query chunks
+  """Rows long enough (128 and 70 tokens) that causal text attention runs in query chunks
   (`attention.causal_chunk_bounds`: three for the padded batch) give transformers' logits."""
   model, ref = models
   rs = np.random.RandomState(7)
