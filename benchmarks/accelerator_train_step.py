@@ -86,32 +86,23 @@ def synthetic_batch(pcfg, arch, *, seed: int = 0):
 
 def time_step(config, attention: str, steps: int) -> dict:
   """Compiles and times the config's train step with one attention implementation."""
-  from eemo_jax.commands.aot import _preset_or_folder
-  from eemo_jax.parallel.sharding import make_mesh
+  from eemo_jax.commands.aot import sft_step_parts
   from eemo_jax.train import run as runlib
-  from eemo_jax.train.optimizer import make_optimizer
   from eemo_jax.train.state import create_train_state
-  from eemo_jax.train.step import batch_shardings, jit_train_step, make_train_step
+  from eemo_jax.train.step import batch_shardings, jit_train_step
 
   config = config.copy_and_resolve_references()
   config.model.attention = attention
-  arch = _preset_or_folder(config)  # a preset, or the architecture of model.hf_dir (weights stay random)
-  head_cfg = runlib.head_config(config, arch, None) if config.head.kind != "token" else None
-  trainable = runlib.trainable_set(config, head_cfg is not None)
-  optimizer = make_optimizer(runlib.optimizer_settings(config, total_steps=1000))
-  pcfg = runlib.pipeline_config(config, arch)
-  mesh = make_mesh(dict(config.mesh.items()), devices=jax.devices())
-  rules = tuple(tuple(r) for r in config.rules)
-  runlib.check_rows_shard(pcfg.batch_size, mesh)
+  parts = sft_step_parts(config, jax.devices())  # the architecture of a preset or model.hf_dir; weights random
+  mesh, rules, pcfg = parts.mesh, parts.rules, parts.pcfg
   result = {"attention": attention, "rows": pcfg.batch_size, "microbatches": pcfg.microbatches,
             "seq_len": pcfg.seq_len, "mesh": dict(mesh.shape)}
   with jax.set_mesh(mesh):
-    graphdef, state = create_train_state(lambda: runlib.build_model(config, arch, head_cfg), optimizer, mesh, rules,
-                                         trainable=trainable, seed=config.train.seed)
-    host_batch = synthetic_batch(pcfg, arch, seed=config.train.seed)
+    graphdef, state = create_train_state(lambda: parts.model(config), parts.optimizer, mesh, rules,
+                                         trainable=parts.trainable, seed=config.train.seed)
+    host_batch = synthetic_batch(pcfg, parts.arch, seed=config.train.seed)
     batch = jax.device_put(host_batch, batch_shardings(host_batch, mesh, rules))
-    step = make_train_step(graphdef, optimizer, trainable=trainable, loss_config=runlib.loss_settings(config),
-                           forward=runlib.sft_forward, mesh=mesh, rules=rules)
+    step = parts.train_step(config, graphdef)
     started = time.perf_counter()
     compiled = jit_train_step(step, state, batch, mesh, rules).lower(state, batch).compile()
     result["compile_s"] = time.perf_counter() - started
@@ -123,7 +114,7 @@ def time_step(config, attention: str, steps: int) -> dict:
       if i >= 2:
         times.append(time.perf_counter() - started)
       losses.append(loss)
-  flops = runlib.step_flops(arch, head_cfg, batch, config)
+  flops = runlib.step_flops(parts.arch, parts.head_cfg, batch, config)
   peak = runlib._peak_flops(config) * jax.device_count()
   median = statistics.median(times)
   tokens = math.prod(batch.input_ids.shape)
@@ -135,13 +126,11 @@ def time_step(config, attention: str, steps: int) -> dict:
 
 def time_attention(config, implementations, repeats: int = 20) -> dict:
   """Forward + backward of attention alone at the text decoder's shape (one microbatch, causal, bf16)."""
-  from eemo_jax.commands.aot import _preset_or_folder
+  from eemo_jax.commands.aot import sft_step_parts
   from eemo_jax.model.attention import attention, causal_mask
-  from eemo_jax.train import run as runlib
 
-  arch = _preset_or_folder(config)
-  t = arch.text
-  pcfg = runlib.pipeline_config(config, arch)
+  parts = sft_step_parts(config, jax.devices())
+  t, pcfg = parts.arch.text, parts.pcfg
   b, l = max(1, pcfg.batch_size // jax.device_count()), pcfg.seq_len
   keys = jax.random.split(jax.random.key(0), 4)
   q = jax.random.normal(keys[0], (b, l, t.num_attention_heads, t.head_dim), jnp.bfloat16)

@@ -75,35 +75,70 @@ def topology_devices(topology: str):
                        "v5e:4x4, v5p:2x2x2 or v4:2x2x1") from None
 
 
-def compile_for_topology(config, topology: str) -> AotReport:
-  import jax
-  from flax import nnx
+@dataclasses.dataclass
+class SftStepParts:
+  """What the config's SFT step is made of, as `eemo-jax train` makes it, without weights or data."""
 
-  from data_pipeline.pipeline import abstract_batch, to_train_batch
+  arch: object  # Qwen25VLConfig
+  head_cfg: object  # HeadConfig | None
+  trainable: object
+  optimizer: object
+  pcfg: object  # data_pipeline PipelineConfig: the batch's static shapes
+  mesh: object
+  rules: tuple
+  tokenizer: object
+
+  def model(self, config):
+    """A randomly initialised model (traceable: pass it as a factory)."""
+    from eemo_jax.train import run as runlib
+    return runlib.build_model(config, self.arch, self.head_cfg)
+
+  def train_step(self, config, graphdef):
+    from eemo_jax.train import run as runlib
+    from eemo_jax.train.step import make_train_step
+    return make_train_step(graphdef, self.optimizer, trainable=self.trainable, loss_config=runlib.loss_settings(config),
+                           forward=runlib.sft_forward, mesh=self.mesh, rules=self.rules)
+
+
+def sft_step_parts(config, devices, batch_size: int | None = None) -> SftStepParts:
+  """The config's model architecture, head, freezing, optimizer, batch shapes and mesh over `devices`.
+
+  The architecture is the HF folder's or the preset's (with the tokenizer's ids when there is one);
+  `batch_size` replaces the rows of a microbatch. Used by `eemo-jax aot` and the accelerator benchmark.
+  """
   from eemo_jax.parallel.sharding import make_mesh
   from eemo_jax.train import run as runlib
   from eemo_jax.train.optimizer import make_optimizer
-  from eemo_jax.train.state import abstract_train_state
-  from eemo_jax.train.step import jit_train_step, make_train_step
 
-  devices = topology_devices(topology)
   mesh = make_mesh(dict(config.mesh.items()), devices=devices)
-  rules = tuple(tuple(r) for r in config.rules)
   tokenizer = _tokenizer(config)
   arch = runlib.model_config(config, tokenizer) if tokenizer is not None else _preset_or_folder(config)
   head_cfg = runlib.head_config(config, arch, tokenizer) if config.head.kind != "token" or tokenizer else None
-  trainable = runlib.trainable_set(config, head_cfg is not None)
-  optimizer = make_optimizer(runlib.optimizer_settings(config, total_steps=1000))
   pcfg = runlib.pipeline_config(config, arch)
-  if config.aot.batch_size:
-    pcfg = dataclasses.replace(pcfg, batch_size=int(config.aot.batch_size))
+  if batch_size:
+    pcfg = dataclasses.replace(pcfg, batch_size=int(batch_size))
   runlib.check_rows_shard(pcfg.batch_size, mesh)  # one process here holds the whole global batch
+  return SftStepParts(arch=arch, head_cfg=head_cfg, trainable=runlib.trainable_set(config, head_cfg is not None),
+                      optimizer=make_optimizer(runlib.optimizer_settings(config, total_steps=1000)), pcfg=pcfg,
+                      mesh=mesh, rules=tuple(tuple(r) for r in config.rules), tokenizer=tokenizer)
+
+
+def compile_for_topology(config, topology: str) -> AotReport:
+  import jax
+
+  from data_pipeline.pipeline import abstract_batch, to_train_batch
+  from eemo_jax.train import run as runlib
+  from eemo_jax.train.state import abstract_train_state
+  from eemo_jax.train.step import jit_train_step
+
+  devices = topology_devices(topology)
+  parts = sft_step_parts(config, devices, batch_size=config.aot.batch_size or None)
+  mesh, rules = parts.mesh, parts.rules
   with jax.set_mesh(mesh):
-    graphdef, state = abstract_train_state(lambda: runlib.build_model(config, arch, head_cfg), optimizer, mesh,
-                                           rules, trainable=trainable, seed=config.train.seed)
-    batch = to_train_batch(abstract_batch(pcfg, tokenizer))
-    step = make_train_step(graphdef, optimizer, trainable=trainable, loss_config=runlib.loss_settings(config),
-                           forward=runlib.sft_forward, mesh=mesh, rules=rules)
+    graphdef, state = abstract_train_state(lambda: parts.model(config), parts.optimizer, mesh, rules,
+                                           trainable=parts.trainable, seed=config.train.seed)
+    batch = to_train_batch(abstract_batch(parts.pcfg, parts.tokenizer))
+    step = parts.train_step(config, graphdef)
     started = time.time()
     lowered = jit_train_step(step, state, batch, mesh, rules).lower(state, batch)
     try:
@@ -118,7 +153,6 @@ def compile_for_topology(config, topology: str) -> AotReport:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   kind = devices[0].device_kind
-  del nnx
   return AotReport(
       topology=topology, device_kind=kind, num_devices=len(devices), mesh=dict(mesh.shape),
       argument_bytes=int(memory.argument_size_in_bytes), output_bytes=int(memory.output_size_in_bytes),
@@ -126,7 +160,7 @@ def compile_for_topology(config, topology: str) -> AotReport:
       code_bytes=int(memory.generated_code_size_in_bytes),
       hbm_bytes=next((v for k, v in HBM_BYTES.items() if kind == k), None),
       compiler_flops=float(cost.get("flops", 0.0)) if cost else None,
-      analytic_flops=runlib.step_flops(arch, head_cfg, batch, config), compile_seconds=seconds)
+      analytic_flops=runlib.step_flops(parts.arch, parts.head_cfg, batch, config), compile_seconds=seconds)
 
 
 def _tokenizer(config):

@@ -14,9 +14,8 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import accelerator_train_step as bench  # noqa: E402
 from data_pipeline.pipeline import abstract_batch, to_train_batch  # noqa: E402
-from eemo_jax.commands.aot import _preset_or_folder  # noqa: E402
+from eemo_jax.commands.aot import sft_step_parts  # noqa: E402
 from eemo_jax.config import load_config  # noqa: E402
-from eemo_jax.train import run as runlib  # noqa: E402
 
 CONFIG = os.path.join(ROOT, "configs", "tiny_demo.py")
 SMALL = ["--config.train.global_batch_size=16", "--config.optimizer.accum_steps=2"]  # 8 rows: 1 per device
@@ -24,8 +23,8 @@ SMALL = ["--config.train.global_batch_size=16", "--config.optimizer.accum_steps=
 
 def test_synthetic_batch_has_the_pipelines_batch_structure():
   config = load_config(CONFIG, SMALL)
-  arch = _preset_or_folder(config)
-  pcfg = runlib.pipeline_config(config, arch)
+  parts = sft_step_parts(config, jax.devices())
+  arch, pcfg = parts.arch, parts.pcfg
   batch = bench.synthetic_batch(pcfg, arch)
   expected = to_train_batch(abstract_batch(pcfg))
   assert jax.tree.structure(batch) == jax.tree.structure(expected)
