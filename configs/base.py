@@ -73,6 +73,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
       keep_checkpoints=3,
       async_checkpoints=True,
       export_dir="",  # at the end: an HF folder (LoRA merged) + the head's safetensors
+      export_overwrite=False,  # replace a non-empty export_dir this run did not write (else refused at the start)
+      allow_config_changes=False,  # resume with a changed model/optimizer/batch/data config (recorded in the run)
       peak_flops=0.0,  # per-device peak FLOP/s for MFU; 0: the vendor figure of known TPUs/GPUs
   )
   c.aot = dict(topology="v5e:4x4", batch_size=0)  # batch_size 0: global_batch_size / accum_steps

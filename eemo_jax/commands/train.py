@@ -2,6 +2,10 @@
 
 The same command runs on every host of a job (see launch/): with JAX's distributed environment
 variables set (or on a TPU VM slice) it first joins the other processes.
+
+Exit status: 0 done; 2 something to fix before the run can go on (config, paths, data, a resume that would
+change the run, no readable checkpoint), one line on stderr and nothing written into the run directory;
+3 the loss became NaN/inf; 1 a checkpoint could not be written (the run stopped at once).
 """
 
 from __future__ import annotations
@@ -23,13 +27,19 @@ def run(args) -> int:
   if config is None:
     return 2
   initialize_from_environment()
+  from data_pipeline.errors import DatasetError, RecordError
+  from eemo_jax.hf.safetensors_io import CheckpointError as HFFolderError
+  from eemo_jax.train.checkpointing import CheckpointSaveError, RunCheckpointError
   from eemo_jax.train.run import NonFiniteLossError, train
   try:
     summary = train(config)
   except NonFiniteLossError as error:
     print(f"eemo-jax train: {error}", file=sys.stderr)
     return 3
-  except ConfigError as error:
+  except CheckpointSaveError as error:
+    print(f"eemo-jax train: {error}", file=sys.stderr)
+    return 1
+  except (RunCheckpointError, ConfigError, DatasetError, RecordError, HFFolderError) as error:
     print(f"eemo-jax train: {error}", file=sys.stderr)
     return 2
   print(f"done: {summary.steps} steps in {summary.seconds:.0f} s; run directory {summary.run_dir}")

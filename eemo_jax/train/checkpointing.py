@@ -4,15 +4,38 @@ One `CheckpointManager` per run directory (`<run_dir>/checkpoints/<step>/{state,
 `save_every` steps, the last `keep` kept. The state is restored straight into the shardings of the
 abstract state the caller builds for the *current* mesh, so a run saved on one mesh shape resumes on
 another. Typed PRNG keys are stored as their raw key data and re-wrapped on restore.
+
+Nothing is lost silently:
+* a save runs in the background, so its failure surfaces later; `poll` (every step) and `wait` report a
+  save only once it is complete on disk and raise `CheckpointSaveError` for one that failed, so the loop
+  stops at once instead of training on without checkpoints;
+* a newest checkpoint that cannot be read (a preemption during a save on a pod, a lost file) does not
+  block a resume: `restore_newest_intact` falls back to the newest older one that restores and moves
+  the damaged ones aside under `<run_dir>/damaged_checkpoints/`, never deleting them.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
+import time
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from eemo_jax import paths
+
+log = logging.getLogger("eemo_jax.train")
+
+
+class RunCheckpointError(RuntimeError):
+  """No checkpoint of the run can be read; the message says what to do."""
+
+
+class CheckpointSaveError(RunCheckpointError):
+  """A checkpoint could not be written; the run stops at once."""
 
 
 def _is_key(x) -> bool:
@@ -53,14 +76,20 @@ class RunCheckpoints:
     save_every: steps between checkpoints (a forced save ignores it).
     keep: how many checkpoints to keep (the newest).
     async_save: write in a background thread while training continues.
+    clean_up: remove what killed saves left behind (`<step>.orbax-checkpoint-tmp` folders). Only the run that
+      owns the directory may: a reader doing it would delete the save in progress of a run writing there.
   """
 
-  def __init__(self, run_dir: str, *, save_every: int, keep: int = 3, async_save: bool = True):
-    self.directory = os.path.join(run_dir, "checkpoints")
+  def __init__(self, run_dir: str, *, save_every: int, keep: int = 3, async_save: bool = True,
+               clean_up: bool = False):
+    self.run_dir = paths.absolute(run_dir)  # Orbax takes absolute paths only
+    self.directory = os.path.join(self.run_dir, "checkpoints")
     self.save_every = max(1, int(save_every))
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep,
-                                           enable_async_checkpointing=async_save, create=True)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
+                                           cleanup_tmp_directories=clean_up)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self._pending: int | None = None  # a started save not yet confirmed on disk
+    self._unreported: list[int] = []  # saves confirmed on disk that `poll` / `wait` have not returned yet
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -69,14 +98,61 @@ class RunCheckpoints:
     return list(self._manager.all_steps())
 
   def save(self, step: int, state: Any, data_iterator=None, *, force: bool = False) -> bool:
-    """Starts a save when `step` is a multiple of `save_every` (or `force`); returns whether one started."""
+    """Starts a save when `step` is a multiple of `save_every` (or `force`); returns whether one started.
+
+    A previous save still running is waited for first (and raises `CheckpointSaveError` if it failed); the
+    new one is only started: `poll` or `wait` says when it is on disk.
+    """
     if not force and step % self.save_every:
       return False
+    self._confirm_pending()
     items = {"state": ocp.args.StandardSave(_keys_to_data(state))}
     if data_iterator is not None:
       import grain
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-    return self._manager.save(int(step), args=ocp.args.Composite(**items), force=True)
+    try:
+      started = self._manager.save(int(step), args=ocp.args.Composite(**items), force=True)
+    except Exception as error:  # a synchronous save, or the start of an asynchronous one, failed
+      raise CheckpointSaveError(self._save_failed(step, error)) from error
+    if started:
+      self._pending = int(step)
+    return started
+
+  def poll(self) -> int | None:
+    """The step of the newest save that completed since the last call, if one did; never blocks.
+
+    Raises `CheckpointSaveError` when that save failed.
+    """
+    if self._pending is not None and not self._manager.is_saving_in_progress():
+      self._confirm_pending()
+    return self._report()
+
+  def _report(self) -> int | None:
+    newest = max(self._unreported, default=None)
+    self._unreported.clear()
+    return newest
+
+  def _confirm_pending(self) -> None:
+    """Waits for the pending save and checks that its step folder is complete on disk."""
+    step, self._pending = self._pending, None
+    if step is None:
+      return
+    try:
+      self._manager.wait_until_finished()
+    except Exception as error:
+      raise CheckpointSaveError(self._save_failed(step, error)) from error
+    self._manager.reload()  # the steps on disk, not the ones the manager started
+    if step not in self._manager.all_steps():  # Orbax logs some failures and skips finalisation
+      raise CheckpointSaveError(self._save_failed(step, None))
+    self._unreported.append(step)
+
+  def _save_failed(self, step: int, error: BaseException | None) -> str:
+    cause = f": {_one_line(error)}" if error is not None else " (its folder was not finalised)"
+    self._manager.reload()
+    complete = [s for s in self._manager.all_steps() if s != step]
+    last = f"the last complete checkpoint is step {max(complete)}" if complete else "no earlier checkpoint exists"
+    return (f"checkpoint {step} could not be written to {self.directory}{cause}. The run stopped; {last}. "
+            "Fix the cause (disk space, permissions, bucket access), then run the same command to resume")
 
   def restore(self, abstract_state: Any, data_iterator=None, *, step: int | None = None) -> tuple[int, Any]:
     """Restores into `abstract_state`'s shapes, dtypes and shardings; sets `data_iterator`'s position.
@@ -93,14 +169,125 @@ class RunCheckpoints:
     restored = self._manager.restore(int(step), args=ocp.args.Composite(**items))
     return int(step), _data_to_keys(restored["state"], abstract_state)
 
+  def restore_newest_intact(self, abstract_state: Any, data_iterator=None) -> tuple[int, Any, list[str]]:
+    """Restores the newest checkpoint that can be read; returns (step, state, warnings).
+
+    Checkpoints newer than the one restored failed to restore: they are moved to
+    `<run_dir>/damaged_checkpoints/` (one warning line each). Nothing is moved unless an older checkpoint
+    restores, so a mismatch that breaks every checkpoint alike (another model) is reported, not "repaired".
+    Raises FileNotFoundError without checkpoints, RunCheckpointError when none restores.
+    """
+    steps = sorted(self.all_steps(), reverse=True)
+    if not steps:
+      raise FileNotFoundError(f"no checkpoint under {self.directory}")
+    failures: list[tuple[int, BaseException]] = []
+    for step in steps:
+      try:
+        restored = self.restore(abstract_state, data_iterator, step=step)
+      except Exception as error:  # damage shows as any of Orbax's, tensorstore's or Grain's errors
+        failures.append((step, error))
+        _quiet_abandoned_reads(os.path.join(self.directory, str(step)))
+        continue
+      warnings = [self._move_aside(bad, error, restored_step=step) for bad, error in failures]
+      if failures:
+        self._manager.reload()
+      return (*restored, warnings)
+    detail = "; ".join(f"step {s}: {_one_line(e)}" for s, e in failures)
+    raise RunCheckpointError(f"no checkpoint under {self.directory} can be restored ({detail}). They are left as they "
+                          "are. If they belong to another model or config, use a new train.run_dir; to start this "
+                          "run over, move that folder aside")
+
+  def _move_aside(self, step: int, error: BaseException, *, restored_step: int) -> str:
+    aside = os.path.join(self.run_dir, "damaged_checkpoints", f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(aside), exist_ok=True)
+      shutil.move(os.path.join(self.directory, str(step)), aside)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"eemo_jax_checkpoint_aside_{step}")
+    return (f"checkpoint {step} is damaged ({_one_line(error)}); moved to {aside}; resuming from checkpoint "
+            f"{restored_step}")
+
   def delete(self, step: int) -> None:
     """Removes one checkpoint (every process calls it)."""
     self._manager.delete(int(step))
 
-  def wait(self) -> None:
-    """Blocks until pending asynchronous saves are on disk."""
-    self._manager.wait_until_finished()
+  def wait(self) -> int | None:
+    """Blocks until a pending save is on disk; returns the newest step saved since the last `poll`/`wait`.
+
+    Raises `CheckpointSaveError` when it failed.
+    """
+    self._confirm_pending()
+    return self._report()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    """Waits for a pending save (errors are for `wait` to report) and releases the manager."""
+    try:
+      self._manager.wait_until_finished()
+    except Exception as error:  # already reported, or about to be by the caller's own exception
+      log.warning("a checkpoint save failed while closing: %s", _one_line(error))
+    finally:
+      self._pending = None
+      self._manager.close()
+
+
+class _AbandonedReadsFilter(logging.Filter):
+  """Drops asyncio's "exception was never retrieved" records about reads of a checkpoint already reported."""
+
+  def __init__(self):
+    super().__init__()
+    self.paths: set[str] = set()
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    text = record.getMessage()
+    return not any(path in text for path in self.paths)
+
+
+_ABANDONED = _AbandonedReadsFilter()
+
+
+def _quiet_abandoned_reads(step_dir: str) -> None:
+  """A failed restore leaves tensorstore reads of the damaged step that fail later, at garbage collection
+  and on closed event loops: hundreds of traceback lines about what the one warning line already says.
+  Silences exactly those (records naming that step's folder, and the closed-loop errors), nothing else."""
+  import gc
+  import sys
+  _ABANDONED.paths.add(step_dir)
+  asyncio_log = logging.getLogger("asyncio")
+  if _ABANDONED not in asyncio_log.filters:
+    asyncio_log.addFilter(_ABANDONED)
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+      error = unraisable.exc_value
+      if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+        return
+      previous(unraisable)
+
+    sys.unraisablehook = hook
+  gc.collect()  # the abandoned futures report now, while the filter is on
+
+
+class _TracebackFreeFilter(logging.Filter):
+  """Keeps Orbax's error lines but not their tracebacks: the run reports the failure itself, in one line."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in (record.pathname or ""):
+      record.exc_info, record.exc_text = None, None
+    return True
+
+
+def quiet_orbax_tracebacks() -> None:
+  """For a training run: a failed background save logs hundreds of traceback lines from Orbax's threads
+  before the loop stops with `CheckpointSaveError`'s one line, which says what failed and what to do."""
+  absl_log = logging.getLogger("absl")
+  if not any(isinstance(f, _TracebackFreeFilter) for f in absl_log.filters):
+    absl_log.addFilter(_TracebackFreeFilter())
+
+
+def _one_line(error: BaseException, limit: int = 240) -> str:
+  """`Type: first line of the message`, short enough for one log line."""
+  text = str(error).strip().splitlines()
+  first = text[0] if text else ""
+  line = f"{type(error).__name__}: {first}" if first else type(error).__name__
+  return line if len(line) <= limit else line[:limit - 3] + "..."

@@ -21,6 +21,7 @@ from collections.abc import Callable
 import jax
 from flax import nnx
 
+from eemo_jax import paths
 from eemo_jax.config import ConfigError
 from eemo_jax.host_memory import use_host_memory_for_cpu_steps
 from eemo_jax.model.config import Qwen25VLConfig, preset
@@ -28,8 +29,8 @@ from eemo_jax.model.heads import EmotionHead, HeadConfig
 from eemo_jax.model.lora import LoraConfig, LoraParam, apply_lora
 from eemo_jax.model.qwen25vl import Qwen25VL
 from eemo_jax.parallel.sharding import make_mesh
-from eemo_jax.train import freeze, losses
-from eemo_jax.train.checkpointing import RunCheckpoints
+from eemo_jax.train import freeze, losses, run_record
+from eemo_jax.train.checkpointing import RunCheckpoints, quiet_orbax_tracebacks
 from eemo_jax.train.flops import train_step_flops
 from eemo_jax.train.metrics import MetricsWriter, ProgressLine
 from eemo_jax.train.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
@@ -57,6 +58,9 @@ def model_config(config, tokenizer) -> Qwen25VLConfig:
   (a randomly initialised preset must agree with the tokenizer it will be fed)."""
   if config.model.hf_dir:
     from eemo_jax.hf.load import read_config
+    if not os.path.isdir(config.model.hf_dir):
+      raise ConfigError(f"model.hf_dir {config.model.hf_dir} does not exist; point it at a local Qwen2.5-VL folder "
+                        "(config.json + *.safetensors), or leave it empty to start from model.preset")
     return read_config(config.model.hf_dir)
   arch = preset(config.model.preset)
   special = tokenizer.special
@@ -237,25 +241,22 @@ def evaluate(eval_step, state, config, arch, tokenizer, mesh, *, source=None) ->
 
 def train(config, *, tokenizer=None, train_source=None, eval_source=None, progress_stream=None,
           on_step: Callable[[int, dict], None] | None = None) -> RunSummary:
-  """Runs (or resumes) the SFT run the config describes. `*_source` replace the built data sets (tests)."""
+  """Runs (or resumes) the SFT run the config describes. `*_source` replace the built data sets (tests).
+
+  The inputs (tokenizer, HF folder, data, export target) are checked before anything is written into the
+  run directory, and a resume is checked against the config the run was started with (`run_record`).
+  """
   from data_pipeline.pipeline import abstract_batch, make_iterator, to_train_batch
-  from data_pipeline.tokenizer import load_tokenizer
 
   started = time.time()
   use_host_memory_for_cpu_steps()  # before the backend starts: the CPU step's buffers stay mapped
   t = config.train
-  run_dir = t.run_dir
+  run_dir = paths.absolute(t.run_dir)
   is_main = jax.process_index() == 0
-  if is_main:
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
 
-  tokenizer_dir = config.data.tokenizer_dir or config.model.hf_dir
+  tokenizer_dir = paths.absolute(config.data.tokenizer_dir or config.model.hf_dir)
   if tokenizer is None:
-    if not tokenizer_dir:
-      raise ValueError("no tokenizer: set data.tokenizer_dir (or model.hf_dir, whose tokenizer is used)")
-    tokenizer = load_tokenizer(tokenizer_dir)
+    tokenizer = _load_tokenizer(tokenizer_dir)
   arch = model_config(config, tokenizer)
   head_cfg = head_config(config, arch, tokenizer)
   mesh = make_mesh(dict(config.mesh.items()))
@@ -263,6 +264,8 @@ def train(config, *, tokenizer=None, train_source=None, eval_source=None, progre
   trainable = trainable_set(config, head_cfg is not None)
   pcfg = dataclasses.replace(pipeline_config(config, arch), tokenizer_dir=tokenizer_dir)
   check_rows_shard(pcfg.batch_size * jax.process_count(), mesh)
+  export_dir = paths.absolute(t.export_dir)
+  check_export_target(export_dir, run_dir, overwrite=t.export_overwrite)
 
   # Length of the run.
   if t.steps:
@@ -275,48 +278,58 @@ def train(config, *, tokenizer=None, train_source=None, eval_source=None, progre
   optimizer = make_optimizer(opt_cfg)
   schedule = learning_rate_schedule(opt_cfg)
 
-  checkpoints = RunCheckpoints(run_dir, save_every=t.checkpoint_every, keep=t.keep_checkpoints,
-                               async_save=t.async_checkpoints)
   data = make_iterator(pcfg, mesh=mesh, tokenizer=tokenizer, model_config=arch, source=train_source)
+  checkpoints = RunCheckpoints(run_dir, save_every=t.checkpoint_every, keep=t.keep_checkpoints,
+                               async_save=t.async_checkpoints, clean_up=True)
+  quiet_orbax_tracebacks()
   resumed_from = checkpoints.latest_step()
-  with jax.set_mesh(mesh):
-    factory = lambda: build_model(config, arch, head_cfg)  # noqa: E731
-    if resumed_from is not None:
-      graphdef, abstract = abstract_train_state(factory, optimizer, mesh, rules, trainable=trainable, seed=t.seed)
-      _, state = checkpoints.restore(abstract, data)
-    elif config.model.hf_dir:
-      from eemo_jax.hf.load import load_hf
-      backbone = load_hf(config.model.hf_dir, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
-                         mesh=mesh, rules=rules, remat=config.model.remat, attention_impl=config.model.attention)
-      model = build_model(config, arch, head_cfg, backbone=backbone, mesh=mesh)
-      graphdef, state = create_train_state(model, optimizer, mesh, rules, trainable=trainable, seed=t.seed)
-    else:
-      graphdef, state = create_train_state(factory, optimizer, mesh, rules, trainable=trainable, seed=t.seed)
+  config_check = run_record.check_config(config, run_dir, resuming_from=resumed_from)
+  writer = progress = None
+  try:
+    with jax.set_mesh(mesh):
+      factory = lambda: build_model(config, arch, head_cfg)  # noqa: E731
+      restore_warnings = []
+      if resumed_from is not None:
+        graphdef, abstract = abstract_train_state(factory, optimizer, mesh, rules, trainable=trainable, seed=t.seed)
+        resumed_from, state, restore_warnings = checkpoints.restore_newest_intact(abstract, data)
+      elif config.model.hf_dir:
+        from eemo_jax.hf.load import load_hf
+        backbone = load_hf(config.model.hf_dir, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
+                           mesh=mesh, rules=rules, remat=config.model.remat, attention_impl=config.model.attention)
+        model = build_model(config, arch, head_cfg, backbone=backbone, mesh=mesh)
+        graphdef, state = create_train_state(model, optimizer, mesh, rules, trainable=trainable, seed=t.seed)
+      else:
+        graphdef, state = create_train_state(factory, optimizer, mesh, rules, trainable=trainable, seed=t.seed)
+      if is_main:  # the inputs are usable and the state is in hand: now the run directory records this config
+        run_record.write_config(config, run_dir, config_check, step=resumed_from)
 
-    batch_spec = to_train_batch(abstract_batch(pcfg, tokenizer))
-    step_fn = jit_train_step(make_train_step(graphdef, optimizer, trainable=trainable,
-                                             loss_config=loss_settings(config), schedule=schedule,
-                                             forward=sft_forward, mesh=mesh, rules=rules),
-                             state, batch_spec, mesh, rules)
-    eval_fn = None
-    if config.eval.batches:
-      eval_spec = to_train_batch(abstract_batch(pipeline_config(config, arch, split=config.eval.split,
-                                                                eval_mode=True), tokenizer))
-      eval_fn = jit_eval_step(make_eval_step(graphdef, loss_config=loss_settings(config), forward=sft_forward,
-                                             mesh=mesh, rules=rules), state, eval_spec, mesh, rules)
+      batch_spec = to_train_batch(abstract_batch(pcfg, tokenizer))
+      step_fn = jit_train_step(make_train_step(graphdef, optimizer, trainable=trainable,
+                                               loss_config=loss_settings(config), schedule=schedule,
+                                               forward=sft_forward, mesh=mesh, rules=rules),
+                               state, batch_spec, mesh, rules)
+      eval_fn = None
+      if config.eval.batches:
+        eval_spec = to_train_batch(abstract_batch(pipeline_config(config, arch, split=config.eval.split,
+                                                                  eval_mode=True), tokenizer))
+        eval_fn = jit_eval_step(make_eval_step(graphdef, loss_config=loss_settings(config), forward=sft_forward,
+                                               mesh=mesh, rules=rules), state, eval_spec, mesh, rules)
 
-    flops = step_flops(arch, head_cfg, batch_spec, config)
-    peak = _peak_flops(config) * jax.device_count()
-    writer = MetricsWriter(run_dir, enabled=is_main)
-    progress = ProgressLine(total_steps, stream=progress_stream, every=t.log_every)
-    start = int(jax.device_get(state.step))
-    if resumed_from is not None:
-      progress.message(f"resumed {run_dir} at step {start} (checkpoint {resumed_from})")
-    last, eval_metrics = {}, {}
-    window_start = time.time()
-    tokens_per_step = math.prod(batch_spec.input_ids.shape)  # processed (padded) tokens of all microbatches
-    last_logged = start
-    try:
+      flops = step_flops(arch, head_cfg, batch_spec, config)
+      peak = _peak_flops(config) * jax.device_count()
+      writer = MetricsWriter(run_dir, enabled=is_main)
+      progress = ProgressLine(total_steps, stream=progress_stream, every=t.log_every)
+      for line in restore_warnings:
+        progress.message(f"warning: {line}")
+      if config_check.message():
+        progress.message(config_check.message())
+      start = int(jax.device_get(state.step))
+      if resumed_from is not None:
+        progress.message(f"resumed {run_dir} at step {start} (checkpoint {resumed_from})")
+      last, eval_metrics = {}, {}
+      window_start = time.time()
+      tokens_per_step = math.prod(batch_spec.input_ids.shape)  # processed (padded) tokens of all microbatches
+      last_logged = start
       for step in range(start + 1, total_steps + 1):
         batch = to_train_batch(next(data))
         state, metrics = step_fn(state, batch)
@@ -334,8 +347,8 @@ def train(config, *, tokenizer=None, train_source=None, eval_source=None, progre
         last = metrics
         if on_step is not None:
           on_step(step, metrics)
-        if checkpoints.save(step, state, data, force=step == total_steps):
-          progress.message(f"checkpoint {step} -> {checkpoints.directory}")
+        checkpoints.save(step, state, data, force=step == total_steps)
+        _report_saved(checkpoints.poll(), checkpoints, progress)
         if eval_fn is not None and config.eval.every and step % config.eval.every == 0 and step != total_steps:
           eval_metrics = evaluate(eval_fn, state, config, arch, tokenizer, mesh, source=eval_source)
           writer.write(step, eval_metrics, split="eval")
@@ -344,16 +357,43 @@ def train(config, *, tokenizer=None, train_source=None, eval_source=None, progre
         eval_metrics = evaluate(eval_fn, state, config, arch, tokenizer, mesh, source=eval_source)
         writer.write(total_steps, eval_metrics, split="eval")
         progress.message(f"eval @ {total_steps}: " + _describe(eval_metrics))
-    finally:
+      _report_saved(checkpoints.wait(), checkpoints, progress)
+  finally:
+    if progress is not None:
       progress.close()
+    if writer is not None:
       writer.close()
-      checkpoints.close()
+    checkpoints.close()
+    data_close = getattr(data, "close", None)
+    if data_close is not None:
+      data_close()  # stops its worker processes now, not at garbage collection
 
-    export_dir = None
-    if t.export_dir:
-      export_dir = export(config, graphdef, state, tokenizer_dir, t.export_dir)
+  if export_dir:
+    export(config, graphdef, state, tokenizer_dir, export_dir, run_dir=run_dir)
   return RunSummary(run_dir=run_dir, steps=total_steps, resumed_from=resumed_from, final_metrics=last,
-                    eval_metrics=eval_metrics, export_dir=export_dir, seconds=time.time() - started)
+                    eval_metrics=eval_metrics, export_dir=export_dir or None, seconds=time.time() - started)
+
+
+def _report_saved(step: int | None, checkpoints: RunCheckpoints, progress: ProgressLine) -> None:
+  """Claims a checkpoint only once it is complete on disk."""
+  if step is not None:
+    progress.message(f"checkpoint {step} -> {checkpoints.directory}")
+
+
+def _load_tokenizer(folder: str):
+  from data_pipeline.tokenizer import load_tokenizer
+  if not folder:
+    raise ConfigError("no tokenizer: set data.tokenizer_dir (or model.hf_dir, whose tokenizer is used)")
+  if not os.path.isdir(folder):
+    raise ConfigError(f"the tokenizer folder {folder} does not exist; set data.tokenizer_dir (or model.hf_dir) to a "
+                      "folder with tokenizer.json: a Qwen2.5-VL checkpoint, or the one `eemo-jax demo` builds")
+  try:
+    return load_tokenizer(folder)
+  except FileNotFoundError as error:
+    raise ConfigError(str(error)) from None
+  except Exception as error:  # tokenizers raises its own exception types for a damaged file
+    raise ConfigError(f"{os.path.join(folder, 'tokenizer.json')} cannot be read ({type(error).__name__}: "
+                      f"{error}); point data.tokenizer_dir at a folder with a valid tokenizer.json") from None
 
 
 _SHOWN = ("loss", "lm_loss", "token_accuracy", "ces_loss", "ces_accuracy", "grad_norm", "lr", "tokens_per_s", "mfu")
@@ -392,7 +432,35 @@ def _peak_flops(config) -> float:
   return next((v for k, v in PEAK_FLOPS.items() if kind.startswith(k)), 0.0)
 
 
-def export(config, graphdef, state, tokenizer_dir: str, out_dir: str) -> str:
+EXPORTS_FILE = "exports.json"  # in the run directory: the export folders this run wrote
+
+
+def _exports_of(run_dir: str) -> list[str]:
+  path = os.path.join(run_dir, EXPORTS_FILE)
+  if not os.path.isfile(path):
+    return []
+  try:
+    with open(path) as f:
+      return list(json.load(f))
+  except (OSError, ValueError, TypeError):
+    return []
+
+
+def check_export_target(export_dir: str, run_dir: str, *, overwrite: bool) -> None:
+  """Refuses, before any training, an export folder that holds something this run did not write there.
+
+  Finding that out after hours of training would be too late; a folder this run exported to before (a
+  re-run of a finished run) is replaced, since the run owns it.
+  """
+  if not export_dir or overwrite or not os.path.isdir(export_dir) or not os.listdir(export_dir):
+    return
+  if export_dir in _exports_of(run_dir):
+    return
+  raise ConfigError(f"train.export_dir {export_dir} is not empty and was not written by this run; choose an empty or "
+                    "new folder, or set --config.train.export_overwrite=true to replace it when the run ends")
+
+
+def export(config, graphdef, state, tokenizer_dir: str, out_dir: str, *, run_dir: str | None = None) -> str:
   """The trained model as an HF folder (LoRA merged) plus the head's safetensors beside it."""
   from eemo_jax.hf.heads_io import save_head
   from eemo_jax.hf.save import save_hf
@@ -402,4 +470,6 @@ def export(config, graphdef, state, tokenizer_dir: str, out_dir: str) -> str:
   save_hf(backbone, out_dir, source_dir=tokenizer_dir or None)
   if model.head is not None:
     save_head(model.head, out_dir)
+  if run_dir is not None and jax.process_index() == 0 and out_dir not in _exports_of(run_dir):
+    run_record.write_json(os.path.join(run_dir, EXPORTS_FILE), _exports_of(run_dir) + [out_dir])
   return out_dir

@@ -153,7 +153,8 @@ def test_run_writes_config_metrics_tensorboard_checkpoints_and_export(reference)
 
 
 def _command(assets, run_dir) -> list[str]:
-  """`eemo-jax train` as a user runs it: the reference run's config, without the export."""
+  """`eemo-jax train` as a user runs it: the reference run's config, without the export (`run_dir` may be
+  relative to the working directory the command starts in)."""
   return [sys.executable, "-m", "eemo_jax.cli", "train", "--config", TINY,
           *_overrides(assets, run_dir, eval__every=4)]
 
@@ -169,11 +170,15 @@ def _env() -> dict[str, str]:
 
 def test_sigkilled_run_resumes_to_exactly_the_uninterrupted_losses(assets, reference, tmp_path):
   """The CLI run is SIGKILLed once checkpoint 2 or 4 is complete; the same command again resumes from the
-  last complete checkpoint, and every step after it (and every eval) equals the uninterrupted run's."""
+  last complete checkpoint, and every step after it (and every eval) equals the uninterrupted run's.
+
+  As the shipped recipes do, the run directory is relative (`runs/x`), and the command starts in a
+  directory other than the repository's: Orbax accepts only absolute paths."""
   ref_dir = reference[0]
-  run_dir, log_path = tmp_path / "run", tmp_path / "killed.log"
+  run_dir, log_path = tmp_path / "runs" / "x", tmp_path / "killed.log"
   with open(log_path, "w") as log:
-    victim = subprocess.Popen(_command(assets, run_dir), cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+    victim = subprocess.Popen(_command(assets, "runs/x"), cwd=tmp_path, env=_env(), stdout=log,
+                              stderr=subprocess.STDOUT)
   try:
     deadline = time.time() + 400
     while True:
@@ -194,7 +199,7 @@ def test_sigkilled_run_resumes_to_exactly_the_uninterrupted_losses(assets, refer
   assert max(before_kill) < STEPS and complete and max(complete) < STEPS, (before_kill.keys(), complete)
 
   offset = os.path.getsize(run_dir / "metrics.jsonl")
-  again = subprocess.run(_command(assets, run_dir), cwd=ROOT, env=_env(), capture_output=True, text=True,
+  again = subprocess.run(_command(assets, "runs/x"), cwd=tmp_path, env=_env(), capture_output=True, text=True,
                          timeout=400)
   assert again.returncode == 0, again.stdout + again.stderr
   resumed = _by_step(_rows(run_dir, offset=offset))
@@ -266,3 +271,118 @@ def test_non_finite_loss_stops_and_names_a_checkpoint_it_can_resume_from(assets,
   good = int(found.group(2))
   assert max(steps) == good, (steps, good)  # what a plain re-run resumes from
   assert good < 10 - 1, f"checkpoint {good} holds the weights whose loss at step 10 was not finite"
+
+
+# --------------------------------------------------------------------------------------------------
+# Nothing lost (issue: relative run dirs, failed saves, damaged checkpoints, the run's config record)
+# --------------------------------------------------------------------------------------------------
+
+
+def _resumable_copy(reference_dir, run_dir, steps=(8, 10), with_config=True):
+  """The reference run as if it had stopped after its last step in `steps` (its config.json too)."""
+  for step in steps:
+    shutil.copytree(reference_dir / "checkpoints" / str(step), run_dir / "checkpoints" / str(step))
+  if with_config:
+    shutil.copy(reference_dir / "config.json", run_dir / "config.json")
+
+
+def test_a_damaged_newest_checkpoint_resumes_from_the_one_before(assets, reference, tmp_path):
+  """Checkpoint 10 lost its data files (a preemption during the save): the run warns once, moves it aside
+  and resumes from 8, and steps 9-12 equal the uninterrupted run's bit for bit. The same run also
+  continues with a deliberate guarded change (train.epochs, unused with train.steps) that is recorded."""
+  ref_dir = reference[0]
+  run_dir = tmp_path / "run"
+  _resumable_copy(ref_dir, run_dir)
+  for chunk in (run_dir / "checkpoints" / "10" / "state").rglob("*"):
+    if chunk.parent.name == "d":
+      chunk.unlink()
+  original = (run_dir / "config.json").read_text()
+  config = load_config(TINY, _overrides(assets, run_dir, eval__batches=0, train__epochs=2.0,
+                                        train__allow_config_changes=True))
+  progress = io.StringIO()
+  summary = train(config, progress_stream=progress)
+  text = progress.getvalue()
+  assert summary.resumed_from == 8
+  warning = re.search(r"warning: checkpoint 10 is damaged \(.+\); moved to (\S+); resuming from checkpoint 8", text)
+  assert warning, text
+  assert os.path.isdir(warning.group(1)) and os.path.dirname(warning.group(1)) == str(run_dir / "damaged_checkpoints")
+  assert "continuing with changed train.allow_config_changes, train.epochs" not in text
+  assert "continuing with changed train.epochs (train.allow_config_changes" in text
+
+  resumed, expected = _by_step(_rows(run_dir)), _by_step(_rows(ref_dir))
+  assert sorted(resumed) == list(range(9, STEPS + 1))
+  for step, row in resumed.items():
+    for key in ("loss", "lm_loss", "ces_loss", "grad_norm", "lr", "token_accuracy", "ces_accuracy"):
+      assert row[key] == expected[step][key], (step, key)
+
+  changes = [json.loads(line) for line in (run_dir / "config_changes.jsonl").read_text().splitlines()]
+  assert len(changes) == 1 and changes[0]["step"] == 8
+  assert changes[0]["changes"]["train.epochs"] == {"from": json.loads(original)["train"]["epochs"], "to": 2.0,
+                                                   "guarded": True}
+  assert changes[0]["changes"]["eval.batches"]["guarded"] is False
+  assert json.loads((run_dir / "config.json").read_text())["train"]["epochs"] == 2.0
+
+
+def test_a_resume_that_changes_the_run_is_refused_and_the_record_kept(assets, reference, tmp_path, capsys):
+  """A changed learning rate and batch size (and a moved data dir, which is fine) on resume: exit 2 naming
+  the guarded keys, the run's config.json untouched and nothing else written."""
+  run_dir = tmp_path / "run"
+  _resumable_copy(reference[0], run_dir)
+  before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+  moved_data = tmp_path / "data"
+  shutil.copytree(assets.data_dir, moved_data)
+  overrides = _overrides(assets, run_dir, optimizer__learning_rate=1e-3, train__global_batch_size=16,
+                         data__data_dir=moved_data)
+  assert cli.main(["train", "--config", TINY, *overrides]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and err.startswith(f"eemo-jax train: resuming {run_dir} from checkpoint 10 ")
+  assert "optimizer.learning_rate (0.002 -> 0.001)" in err and "train.global_batch_size (8 -> 16)" in err
+  assert "data.data_dir" not in err and "--config.train.allow_config_changes=true" in err
+  after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+  assert after == before
+
+
+def test_bad_inputs_exit_2_before_anything_is_written(assets, tmp_path, capsys):
+  """A missing tokenizer folder, HF folder or data dir, or an export folder holding someone else's files:
+  one line naming the path and what to do, exit 2, and the run directory is never created."""
+  run_dir = tmp_path / "run"
+  foreign_export = tmp_path / "export"
+  foreign_export.mkdir()
+  (foreign_export / "model.safetensors").write_bytes(b"precious")
+  cases = {
+      "data__tokenizer_dir": (tmp_path / "no-tokenizer", "the tokenizer folder"),
+      "model__hf_dir": (tmp_path / "no-model", "model.hf_dir"),
+      "data__data_dir": (tmp_path / "no-data", "no-data"),
+      "train__export_dir": (foreign_export, "train.export_dir"),
+  }
+  for key, (value, expected) in cases.items():
+    assert cli.main(["train", "--config", TINY, *_overrides(assets, run_dir, **{key: value})]) == 2, key
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("eemo-jax train: ") and expected in err, (key, err)
+    assert str(value) in err, (key, err)
+    assert not run_dir.exists(), key
+  assert (foreign_export / "model.safetensors").read_bytes() == b"precious"
+
+
+def test_a_failed_checkpoint_save_stops_the_run_at_once(assets, tmp_path, capsys, monkeypatch):
+  """The background save of checkpoint 2 fails (disk full): the run stops with one line and exit 1 instead
+  of training on without checkpoints, and nothing claims checkpoint 2 was written."""
+  from orbax.checkpoint._src.path import atomicity
+  real_rename = atomicity.async_path.rename
+
+  async def fail_step_2(source, target, *args, **kwargs):
+    if os.path.basename(str(target)) == "2":
+      raise OSError(28, "No space left on device")
+    return await real_rename(source, target, *args, **kwargs)
+
+  monkeypatch.setattr(atomicity.async_path, "rename", fail_step_2)
+  run_dir = tmp_path / "run"
+  overrides = _overrides(assets, run_dir, eval__batches=0, train__checkpoint_every=1)
+  assert cli.main(["train", "--config", TINY, *overrides]) == 1
+  captured = capsys.readouterr()
+  lines = [line for line in captured.err.splitlines() if line.startswith("eemo-jax train: ")]
+  assert len(lines) == 1 and lines[0].startswith("eemo-jax train: checkpoint 2 could not be written to "), lines
+  assert "No space left on device" in lines[0] and "the last complete checkpoint is step 1" in lines[0]
+  assert "checkpoint 2 -> " not in captured.err + captured.out
+  assert max(r["step"] for r in _rows(run_dir)) <= 3  # stopped at once: the failure shows within a step or two
+  assert _steps_on_disk(run_dir) == [1]
