@@ -19,11 +19,14 @@ Packed rows train the language-model loss only: a row holding several examples h
 label, so its `ces_label` / `des_mask` are left empty.
 
 `BatchIterDataset` runs this in the main process after the per-example work (Grain workers), with a
-checkpointable state and counters of what was skipped, truncated or dropped.
+checkpointable state and counters of what was skipped, truncated or dropped, per reason. A stream that
+yields no usable record for a bounded number of reads stops with `NoUsableRecordError`, naming the most
+common reason and its fix, instead of reading a repeating data set forever.
 """
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import functools
@@ -35,7 +38,8 @@ import grain
 import ml_dtypes
 import numpy as np
 
-from data_pipeline.errors import RecordError
+from data_pipeline import errors
+from data_pipeline.errors import NoUsableRecordError, RecordError
 from data_pipeline.image_processor import CLIP_MEAN, CLIP_STD, _normalization_table
 from data_pipeline.prompts import IGNORE_INDEX
 from data_pipeline.records import DES_DIM
@@ -49,6 +53,19 @@ log = logging.getLogger("data_pipeline.pipeline")
 # "dropped_overlong" / "dropped_images" (a good record whose text or images cannot fit the static shapes).
 USABLE = ("ok", "truncated")
 REJECTED = ("skipped", "dropped_overlong", "dropped_images")
+# Why a record yields no row: the `reason` of its RecordError (errors.py), and the keys of `Counters.reasons`.
+# Stable names, all always present: the training log has one column per reason.
+SKIP_REASONS = ("corrupt_image", "missing_file", "image_too_large", "invalid_record", "overlong",
+                "images_over_budget")
+# When to give up on a stream that yields nothing usable (PipelineConfig.max_unusable_at_start / _in_a_row).
+# None of the first 1000 records usable: a data set with even 1% usable records passes that with probability
+# 1 - 0.99**1000 > 0.9999, and 1000 reads take about a second or two of per-example work.
+MAX_UNUSABLE_AT_START = 1000
+# Later, once records have been usable, 10000 unusable in a row: at a 99% skip rate that happens by chance
+# with probability 0.99**10000 ~ 2e-44 per record, so only a data set that has become unusable stops.
+MAX_UNUSABLE_IN_A_ROW = 10_000
+WARN_IN_FULL = 10  # unusable records logged one by one; after that, one count line every WARN_EVERY
+WARN_EVERY = 1000
 # pixel_values dtypes. bfloat16 values are the float32 ones rounded, exactly what a model computing in
 # bfloat16 makes of float32 pixel_values, at half the host work and transfer.
 # "uint8": the batch carries the resized image's levels and their table; the vision tower normalises on the
@@ -84,12 +101,28 @@ def example(record_id: str, *, input_ids, labels, position_ids, rope_delta: int,
   }
 
 
-def rejected(record_id: str, outcome: str, message: str, error: RecordError | None = None) -> dict[str, Any]:
-  """An example that yields no row; `outcome` is one of `REJECTED` and names the counter it adds to."""
+def rejected(outcome: str, error: RecordError) -> dict[str, Any]:
+  """An example that yields no row: `outcome` (one of `REJECTED`) names the counter it adds to, `error` why.
+
+  The error travels as plain values (workers hand examples over pickled), and `strict` raises it again in
+  the main process, as the same `RecordError` subclass.
+  """
   if outcome not in REJECTED:
     raise ValueError(f"outcome must be one of {REJECTED}, got {outcome!r}")
-  fields = (error.field, error.problem, error.fix) if error is not None else ("", message, "")
-  return {"id": record_id, "outcome": outcome, "message": message, "error": fields}
+  if error.reason not in SKIP_REASONS:
+    raise ValueError(f"{type(error).__name__}.reason must be one of {SKIP_REASONS}, got {error.reason!r}")
+  return {"id": error.record_id, "outcome": outcome, "message": str(error), "reason": error.reason,
+          "error": (type(error).__name__, error.field, error.problem, error.fix), "size": error.size,
+          "limit": error.limit}
+
+
+def error_of(item: dict[str, Any]) -> RecordError:
+  """The `RecordError` a `rejected` example carries, rebuilt as its own subclass."""
+  name, field, problem, fix = item["error"]
+  kind = getattr(errors, name, None)
+  if not (isinstance(kind, type) and issubclass(kind, RecordError)):
+    kind = RecordError
+  return kind(item["id"], field, problem, fix, size=item["size"], limit=item["limit"])
 
 
 def bins_needed(frame_slots: Sequence[int], frame_budget: int) -> int | None:
@@ -277,7 +310,7 @@ class Counters:
 
   examples: int = 0  # placed into batches (truncated ones included)
   truncated: int = 0  # text cut at seq_len (overlong="truncate")
-  skipped: int = 0  # bad records (unreadable image, missing file, invalid fields)
+  skipped: int = 0  # bad records (unreadable, missing or too large image, invalid fields)
   dropped_overlong: int = 0  # text longer than seq_len with overlong="drop", or a cut would split an image
   dropped_images: int = 0  # images that cannot fit the vision budget even in an empty batch
   batches: int = 0
@@ -286,6 +319,8 @@ class Counters:
   patches: int = 0
   patch_slots: int = 0
   last_messages: list[str] = dataclasses.field(default_factory=list)  # the latest skip / drop messages
+  # skipped + dropped by reason, every SKIP_REASONS key present
+  reasons: dict[str, int] = dataclasses.field(default_factory=lambda: dict.fromkeys(SKIP_REASONS, 0))
 
   def note(self, message: str) -> None:
     self.last_messages = (self.last_messages + [message])[-_MAX_MESSAGES:]
@@ -295,7 +330,14 @@ class Counters:
 
   @classmethod
   def from_state(cls, state: dict[str, Any]) -> Counters:
-    return cls(**{k: (list(v) if k == "last_messages" else int(v)) for k, v in state.items()})
+    """Counters from `to_state` (or a JSON round trip of it); states saved before `reasons` existed read as zeros."""
+    def value(key, v):
+      if key == "last_messages":
+        return list(v)
+      if key == "reasons":
+        return {**dict.fromkeys(SKIP_REASONS, 0), **{str(r): int(n) for r, n in v.items()}}
+      return int(v)
+    return cls(**{k: value(k, v) for k, v in state.items()})
 
 
 def find_counters(state: Any) -> Counters | None:
@@ -323,17 +365,24 @@ def find_counters(state: Any) -> Counters | None:
 class BatchIterDataset(grain.IterDataset):
   """Per-example dicts (from `example` / `rejected`) -> static-shape batches, counting what is not used.
 
-  With `strict`, a skipped (bad) record raises its `RecordError` here, in the main process; dropped
-  (too large) examples are only counted. The last batch of a finite stream is padded to full shape.
+  With `strict`, every record that yields no row (bad, too long or too large) raises its `RecordError`
+  here, in the main process; otherwise it is counted and logged (the first `WARN_IN_FULL` in full, then a
+  count every `WARN_EVERY`). When none of the first `max_unusable_at_start` records read is usable, or,
+  later, `max_unusable_in_a_row` in a row are not, or a finite stream ends without one usable record,
+  `NoUsableRecordError` stops the stream. The last batch of a finite stream is padded to full shape.
   """
 
-  def __init__(self, parent: grain.IterDataset, layout: BatchLayout, *, strict: bool = False):
+  def __init__(self, parent: grain.IterDataset, layout: BatchLayout, *, strict: bool = False,
+               max_unusable_at_start: int = MAX_UNUSABLE_AT_START, max_unusable_in_a_row: int = MAX_UNUSABLE_IN_A_ROW):
     super().__init__(parent)
     self.layout = layout
     self.strict = strict
+    self.limits = (int(max_unusable_at_start), int(max_unusable_in_a_row))
+    if min(self.limits) < 1:
+      raise ValueError(f"max_unusable_at_start and max_unusable_in_a_row must be >= 1, got {self.limits}")
 
   def __iter__(self) -> _BatchIterator:
-    return _BatchIterator(self._parent.__iter__(), self.layout, self.strict)
+    return _BatchIterator(self._parent.__iter__(), self.layout, self.strict, self.limits)
 
   def __str__(self) -> str:
     return f"BatchIterDataset(batch_size={self.layout.batch_size}, seq_len={self.layout.seq_len})"
@@ -343,13 +392,16 @@ class _BatchIterator(grain.DatasetIterator):
   """Fills a `BatchBuilder` from the parent; checkpoint state = the parent's position before the first
   example not yet in an emitted batch (the carried one), plus the counters up to there."""
 
-  def __init__(self, parent: grain.DatasetIterator, layout: BatchLayout, strict: bool):
+  def __init__(self, parent: grain.DatasetIterator, layout: BatchLayout, strict: bool, limits: tuple[int, int]):
     super().__init__(parent)
     self._layout = layout
     self._strict = strict
+    self._limits = limits
     self._counters = Counters()
     self._carry: tuple[dict, Any] | None = None  # (example, parent state before it)
     self._state = self._snapshot(self._parent.get_state())
+    self._unusable = _UnusableRun(layout, *limits, usable_seen=False)
+    self._logged = 0  # unusable records this iterator has logged or counted in the log
 
   def __next__(self) -> dict[str, Any]:
     builder = BatchBuilder(self._layout)
@@ -366,12 +418,15 @@ class _BatchIterator(grain.DatasetIterator):
         if item["outcome"] not in USABLE:
           self._reject(item)
           continue
+        self._unusable.usable()
       if not builder.add(item):
         self._carry = (item, before)
         break
       self._count(item)
     if not len(builder):  # the end: keep what was counted after the last batch
       self._state = self._snapshot(self._parent.get_state())
+      if self._unusable.count and not self._unusable.usable_seen:
+        raise self._unusable.error(ended=True)
       raise StopIteration
     batch = builder.assemble()
     self._count_batch(batch)
@@ -380,16 +435,28 @@ class _BatchIterator(grain.DatasetIterator):
     return batch
 
   def _reject(self, item: dict) -> None:
-    if item["outcome"] == "skipped":
-      if self._strict:
-        field, problem, fix = item["error"]
-        if field:
-          raise RecordError(item["id"], field, problem, fix)
-        raise RecordError(item["id"], "<record>", problem, "fix or remove the record (strict=True stops here)")
+    if self._strict:
+      raise error_of(item)
     outcome = item["outcome"]
     setattr(self._counters, outcome, getattr(self._counters, outcome) + 1)
+    self._counters.reasons[item["reason"]] += 1
     self._counters.note(item["message"])
-    log.warning("%s record %s: %s", "skipping" if outcome == "skipped" else "dropping", item["id"], item["message"])
+    self._log(item)
+    if self._unusable.add(item):
+      raise self._unusable.error()
+
+  def _log(self, item: dict) -> None:
+    """The first WARN_IN_FULL unusable records in full, then one count line every WARN_EVERY."""
+    self._logged += 1
+    if self._logged <= WARN_IN_FULL:
+      log.warning("%s record %s: %s", "skipping" if item["outcome"] == "skipped" else "dropping", item["id"],
+                  item["message"])
+      if self._logged == WARN_IN_FULL:
+        log.warning("further unusable records are counted (Counters.reasons) and logged once every %d", WARN_EVERY)
+    elif self._logged % WARN_EVERY == 0:
+      reasons = ", ".join(f"{r} {n}" for r, n in self._counters.reasons.items() if n)
+      log.warning("%d unusable records so far (%s); the latest: %s", sum(self._counters.reasons.values()),
+                  reasons, item["message"])
 
   def _count(self, item: dict) -> None:
     self._counters.examples += 1
@@ -413,7 +480,92 @@ class _BatchIterator(grain.DatasetIterator):
     self._counters = Counters.from_state(state[_COUNTERS_KEY])
     self._carry = None
     self._state = self._snapshot(state["parent"])
+    self._unusable = _UnusableRun(self._layout, *self._limits, usable_seen=self._counters.examples > 0)
 
   @property
   def counters(self) -> Counters:
     return dataclasses.replace(self._counters, last_messages=list(self._counters.last_messages))
+
+
+# --------------------------------------------------------------------------------------------------
+# Giving up on a stream with nothing usable
+# --------------------------------------------------------------------------------------------------
+
+
+# How `_UnusableRun` describes records of one reason: verb (one record, several), what they are, the fix.
+# Filled in with the smallest size seen, the limit it exceeds, the budgets, and the first example's problem.
+_REASON_TEXT = {
+    "overlong": ("is", "are", "longer than data.seq_len={limit} (shortest: {smallest} tokens)",
+                 "raise data.seq_len to at least {smallest}, or lower data.max_pixels (fewer image tokens)"),
+    "images_over_budget": ("has", "have", "images needing more vision slots than data.frame_budget={frame} / "
+                           "data.patch_budget={patch} hold (e.g. {example})",
+                           "raise data.frame_budget and data.patch_budget, or lower data.max_pixels"),
+    "image_too_large": ("has", "have", "an image of more than data.max_image_pixels={limit} pixels (smallest: "
+                        "{smallest})", "downscale the images and rebuild the data set, or raise data.max_image_pixels "
+                        "(decoding costs up to ~12 bytes of host memory per pixel)"),
+    "corrupt_image": ("has", "have", "an image that cannot be decoded (e.g. {example})",
+                      "re-encode or replace the images and rebuild the data set"),
+    "missing_file": ("names", "name", "an image file that does not exist (e.g. {example})",
+                     "check data.image_root (relative image paths start there) and the files"),
+    "invalid_record": ("is", "are", "invalid (e.g. {example})", "fix the records and rebuild the data set"),
+}
+
+
+class _UnusableRun:
+  """The unusable records read in a row (since the start, or since the last usable one), by reason.
+
+  Not checkpointed: after a restore the run starts again, with the longer limit if the restored counters
+  show usable records.
+  """
+
+  def __init__(self, layout: BatchLayout, at_start: int, in_a_row: int, usable_seen: bool):
+    self.layout = layout
+    self.limits = (at_start, in_a_row)
+    self.usable_seen = usable_seen
+    self._clear()
+
+  def _clear(self) -> None:
+    self.count = 0
+    self.reasons: collections.Counter[str] = collections.Counter()
+    self.smallest: dict[str, int] = {}  # per reason, the smallest size (tokens, pixels) seen in the run
+    self.limit: dict[str, int] = {}  # per reason, the setting those sizes exceed
+    self.example: dict[str, str] = {}  # per reason, the first record's problem
+
+  def usable(self) -> None:
+    """A usable record: the run ends (cheap when there was none, as for almost every record)."""
+    if self.count or not self.usable_seen:
+      self.usable_seen = True
+      self._clear()
+
+  def add(self, item: dict) -> bool:
+    """Counts one unusable record; True when the run has reached its limit."""
+    reason = item["reason"]
+    self.count += 1
+    self.reasons[reason] += 1
+    if item["size"] is not None:
+      self.smallest[reason] = min(self.smallest.get(reason, item["size"]), item["size"])
+    if item["limit"] is not None:
+      self.limit[reason] = item["limit"]
+    if reason not in self.example:
+      _, field, problem, _ = item["error"]
+      self.example[reason] = f"record {item['id']!r}, field {field!r}: {problem}"
+    at_start, in_a_row = self.limits
+    return self.count >= (in_a_row if self.usable_seen else at_start)
+
+  def error(self, ended: bool = False) -> NoUsableRecordError:
+    at_start, in_a_row = self.limits
+    if ended:
+      head = f"the data stream ended after {self.count} records without a usable one"
+    elif not self.usable_seen:
+      head = f"none of the first {self.count} records read is usable (data.max_unusable_at_start={at_start})"
+    else:
+      head = f"the last {self.count} records read were all unusable (data.max_unusable_in_a_row={in_a_row})"
+    reason, n = self.reasons.most_common(1)[0]
+    one, many, what, fix = _REASON_TEXT[reason]
+    values = {"smallest": self.smallest.get(reason, "?"), "limit": self.limit.get(reason, "?"),
+              "frame": self.layout.frame_budget, "patch": self.layout.patch_budget,
+              "example": self.example.get(reason, "")}
+    who = f"every record {one}" if n == self.count else f"{n} of them {many}"
+    others = ", ".join(f"{r}: {k}" for r, k in self.reasons.most_common() if r != reason)
+    others = f" (the others: {others})" if others else ""
+    return NoUsableRecordError(f"{head}: {who} {what.format(**values)}{others}. To fix: {fix.format(**values)}.")

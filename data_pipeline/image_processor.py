@@ -40,6 +40,17 @@ DEFAULT_MIN_PIXELS = 56 * 56
 DEFAULT_MAX_PIXELS = 28 * 28 * 1280
 MAX_ASPECT_RATIO = 200
 RESCALE_FACTOR = 1 / 255  # transformers' default rescale_factor, 0.00392156862745098
+# Pixel-count limits, checked on the header before anything is decoded (`PixelLimitError`). Decoding and resizing
+# costs about 12 bytes of host memory per source pixel (a 144-megapixel PNG of 449 KB peaked at 1.7 GB in one
+# decode + resize), and a training host decodes in several threads and workers at once.
+# An image may have PIXEL_LIMIT_MARGIN times the pixels it is resized to (a 16x downscale per side): every
+# camera photo up to 51 megapixels at EmoVerse's max_pixels (200704). Above that the decode costs hundreds of
+# times what the model sees, and such files are scans, panoramas or decompression bombs.
+PIXEL_LIMIT_MARGIN = 256
+# ... but never more than PIL's own decompression-bomb warning threshold (Image.MAX_IMAGE_PIXELS at import,
+# 89,478,485 pixels, ~1 GB at the peak above), whatever max_pixels is (the released checkpoints' 12845056
+# would otherwise allow 3.3 gigapixels).
+PIXEL_LIMIT_CAP = 89_478_485
 
 ImageInput = Any  # PIL.Image.Image | np.ndarray | str | os.PathLike | bytes
 
@@ -86,10 +97,29 @@ def num_image_tokens(grid_thw, merge_size: int = 2):
   return int(counts) if counts.ndim == 0 else counts
 
 
+def default_pixel_limit(max_pixels: int) -> int:
+  """The most pixels an encoded image may have before decoding, for images resized to <= max_pixels."""
+  return min(PIXEL_LIMIT_CAP, PIXEL_LIMIT_MARGIN * int(max_pixels))
+
+
+class PixelLimitError(ValueError):
+  """An encoded image declares more pixels than allowed; it was refused from its header, before decoding.
+
+  `pixels` is None when PIL itself refused to open it (above twice its bomb threshold, size not reported).
+  """
+
+  def __init__(self, name: str, size: tuple[int, int] | None, limit: int):
+    self.pixels = size[0] * size[1] if size is not None else None
+    self.limit = limit
+    has = (f"has {size[0]}x{size[1]} = {self.pixels:,} pixels" if size is not None else
+           "has more pixels than PIL opens (it refuses a possible decompression bomb)")
+    super().__init__(f"The image {name} {has}, more than the limit of {limit:,}; it was not decoded")
+
+
 def preprocess_image(image: ImageInput, *, min_pixels: int = DEFAULT_MIN_PIXELS,
                      max_pixels: int = DEFAULT_MAX_PIXELS, patch_size: int = 14, merge_size: int = 2,
                      temporal_patch_size: int = 2, mean: Sequence[float] = CLIP_MEAN,
-                     std: Sequence[float] = CLIP_STD) -> dict[str, np.ndarray]:
+                     std: Sequence[float] = CLIP_STD, max_image_pixels: int | None = None) -> dict[str, np.ndarray]:
   """Makes the vision tower's inputs for one image, as `Qwen2VLImageProcessorPil` would.
 
   `image` can be:
@@ -103,11 +133,14 @@ def preprocess_image(image: ImageInput, *, min_pixels: int = DEFAULT_MIN_PIXELS,
   grayscale to 255 when converting it to RGB, so a 16-bit grayscale photo comes out nearly white. PIL reads a
   16-bit RGB PNG as the high byte of each sample. A uint16 array above 255 is an error in transformers and here.
 
+  `max_image_pixels` refuses a file or bytes whose header declares more pixels (`PixelLimitError`) before
+  decoding it; None (transformers' behaviour) leaves only PIL's decompression-bomb check.
+
   Returns {"pixel_values": float32 (patches, 3 * T * P * P), "image_grid_thw": int64 (1, 3)}. Concatenate the
   rows of several images, as transformers does for a batch.
   """
   _check_settings(min_pixels, max_pixels, patch_size, merge_size, temporal_patch_size, mean, std)
-  rgb = _to_rgb(image)
+  rgb = _to_rgb(image, max_image_pixels)
   height, width = smart_resize(rgb.height, rgb.width, patch_size * merge_size, min_pixels, max_pixels)
   if (width, height) != rgb.size:  # transformers resizes to the same size too; PIL then returns a copy
     rgb = rgb.resize((width, height), Image.Resampling.BICUBIC)
@@ -217,8 +250,12 @@ def _check_settings(min_pixels, max_pixels, patch_size, merge_size, temporal_pat
 # --- RGB conversion ------------------------------------------------------------------------------------------------
 
 
-def _to_rgb(image: ImageInput) -> Image.Image:
-  """An RGB PIL image, converted as transformers converts this kind of input."""
+def _to_rgb(image: ImageInput, max_image_pixels: int | None = None) -> Image.Image:
+  """An RGB PIL image, converted as transformers converts this kind of input.
+
+  Encoded inputs (paths, bytes) over `max_image_pixels` raise `PixelLimitError` before being decoded; arrays
+  and PIL images are already decoded, so the limit does not apply to them.
+  """
   if isinstance(image, Image.Image):
     return _pil_to_rgb(image)
   if isinstance(image, np.ndarray):
@@ -227,9 +264,9 @@ def _to_rgb(image: ImageInput) -> Image.Image:
     path = os.fspath(image)
     if not os.path.isfile(path):
       raise FileNotFoundError(f"No image file at {path!r}")
-    return _load_rgb(path, path)
+    return _load_rgb(path, path, max_image_pixels)
   if isinstance(image, (bytes, bytearray)):
-    return _load_rgb(io.BytesIO(image), f"<{len(image)} bytes>")
+    return _load_rgb(io.BytesIO(image), f"<{len(image)} bytes>", max_image_pixels)
   raise TypeError(f"Cannot preprocess a {type(image).__name__}; pass a PIL image, a numpy array, a file path or "
                   "the encoded file's bytes.")
 
@@ -248,7 +285,7 @@ def _pil_to_rgb(image: Image.Image) -> Image.Image:
   return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def _load_rgb(source, name: str) -> Image.Image:
+def _load_rgb(source, name: str, max_image_pixels: int | None = None) -> Image.Image:
   """transformers' `load_image` (EXIF orientation, then `convert("RGB")`), followed by `_pil_to_rgb` as in HF.
 
   An alpha channel is dropped by the first `convert("RGB")` and never reaches the white compositing. So an RGBA or
@@ -256,9 +293,15 @@ def _load_rgb(source, name: str) -> Image.Image:
   alike. A palette/RGB/L transparency key survives the conversion in `info`, so it is still composited.
   """
   try:
-    with Image.open(source) as opened:
+    with Image.open(source) as opened:  # reads the header only
+      if max_image_pixels is not None and opened.width * opened.height > max_image_pixels:
+        raise PixelLimitError(name, opened.size, max_image_pixels)
       loaded = ImageOps.exif_transpose(opened).convert("RGB")
-  except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+  except Image.DecompressionBombError as e:
+    if max_image_pixels is not None:
+      raise PixelLimitError(name, None, max_image_pixels) from e
+    raise ValueError(f"Cannot read the image {name}: {e}. Is it a complete image file?") from e
+  except (UnidentifiedImageError, OSError) as e:
     raise ValueError(f"Cannot read the image {name}: {e}. Is it a complete image file?") from e
   return _pil_to_rgb(loaded)
 

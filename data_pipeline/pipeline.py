@@ -5,17 +5,20 @@
     it = make_iterator(config, mesh=mesh)     # mesh=None: numpy batches on the host
     batch = next(it)                          # dict; to_train_batch(batch) is the SFT step's Batch
     it.counters                               # skipped / truncated / dropped, fill fractions
+    skip_counts(it)                           # records not used so far, per reason (for the training log)
     state = it.get_state(); it.set_state(state)   # or grain.checkpoint via Orbax (train/checkpointing.py)
 
 Stages (DESIGN decisions 5, 6, 11):
 
   random-access source (ArrayRecord)  -> seeded shuffle, reshuffled every epoch -> repeat
   -> this process's shard (ShardByJaxProcess: every `process_count`-th example from `process_index`)
-  -> per example, in Grain workers: decode + resize the images (HF-exact), prompt + tokenise with labels
-     on the answer, M-RoPE positions (`positions.get_rope_index`), truncate or drop if too long; handed
-     to the main process in groups of EXAMPLES_PER_GROUP (the hand-over costs ~1 ms per element)
+  -> per example, in Grain workers: decode + resize the images (HF-exact; an image whose header declares
+     more than `max_image_pixels` is refused undecoded), prompt + tokenise with labels on the answer,
+     M-RoPE positions (`positions.get_rope_index`), truncate or drop if too long; handed to the main
+     process in groups of EXAMPLES_PER_GROUP (the hand-over costs ~1 ms per element)
   -> batches of static shape in the main process (`batching.py`): rows padded or packed, one vision slot
-     layout per batch within fixed `patch_budget` / `frame_budget`; skips and drops counted
+     layout per batch within fixed `patch_budget` / `frame_budget`; skips and drops counted per reason,
+     `strict` stopping at the first, and a stream with nothing usable stopping with one message
   -> optional microbatch stacking -> host prefetch -> global arrays on the mesh (batch axis over
      `data` x `fsdp`, `jax.make_array_from_process_local_data`) -> device prefetch
 
@@ -37,10 +40,12 @@ import numpy as np
 from PIL import Image
 
 from data_pipeline import prompts, tasks
-from data_pipeline.batching import (PIXEL_DTYPES, BatchIterDataset, BatchLayout, Counters, empty_batch, example,
-                                    find_counters, rejected)
-from data_pipeline.errors import CorruptImageError, InvalidFieldError, MissingFileError, RecordError
-from data_pipeline.image_processor import DEFAULT_MIN_PIXELS, ImageProcessorConfig, _to_rgb, smart_resize
+from data_pipeline.batching import (MAX_UNUSABLE_AT_START, MAX_UNUSABLE_IN_A_ROW, PIXEL_DTYPES, BatchIterDataset,
+                                    BatchLayout, Counters, empty_batch, example, find_counters, rejected)
+from data_pipeline.errors import (CorruptImageError, DatasetError, ImagesOverBudgetError, ImageTooLargeError,
+                                  InvalidFieldError, MissingFileError, OverlongRecordError, RecordError)
+from data_pipeline.image_processor import (DEFAULT_MIN_PIXELS, ImageProcessorConfig, PixelLimitError, _to_rgb,
+                                           default_pixel_limit, smart_resize)
 from data_pipeline.records import VAD_TASKS, answer_body
 from data_pipeline.tokenizer import TextTokenizer, load_tokenizer
 from eemo_jax.model import positions
@@ -58,6 +63,8 @@ class PipelineConfig:
   `patch_budget` / `frame_budget` are the vision slots per batch and per full-attention bin (see
   `positions.vision_layout`); None derives them from `max_pixels` (`vision_budgets`). The model
   geometry fields must match the checkpoint (`check_compatible` checks them against a model config).
+  `max_image_pixels` None is `image_processor.default_pixel_limit(max_pixels)`: 256 x max_pixels, at most
+  PIL's bomb threshold of 89,478,485 (51,380,224 at the default max_pixels); see `pixel_limit`.
   """
 
   dataset: str = "synthetic"  # a builder name: "emoverse", "eemo", "synthetic"
@@ -85,7 +92,11 @@ class PipelineConfig:
   packing: bool = False  # several examples per row (segment ids in attention_mask)
   pixel_dtype: str = "float32"  # "bfloat16" halves pixel work and transfer, same inputs for a bf16 model;
   #                               "uint8" ships levels, normalised on the device to the float32 values
-  strict: bool = False  # a bad record stops the run instead of being skipped and counted
+  strict: bool = False  # any record that yields no row (bad, too long, too large) stops the run with its RecordError
+  #                       instead of being skipped and counted; truncation (overlong="truncate") is not a skip
+  max_image_pixels: int | None = None  # images with more pixels are skipped from their header, never decoded
+  max_unusable_at_start: int = MAX_UNUSABLE_AT_START  # none of the first this many records usable: stop
+  max_unusable_in_a_row: int = MAX_UNUSABLE_IN_A_ROW  # later, this many unusable in a row: stop
   patch_size: int = 14
   temporal_patch_size: int = 2
   merge_size: int = 2
@@ -99,7 +110,7 @@ class PipelineConfig:
     if self.overlong not in ("truncate", "drop"):
       raise ValueError(f"overlong must be 'truncate' or 'drop', got {self.overlong!r}")
     for name in ("seq_len", "batch_size", "min_pixels", "max_pixels", "patch_size", "temporal_patch_size",
-                 "merge_size", "window_size"):
+                 "merge_size", "window_size", "max_unusable_at_start", "max_unusable_in_a_row"):
       if int(getattr(self, name)) < 1:
         raise ValueError(f"PipelineConfig.{name} must be >= 1, got {getattr(self, name)}")
     for name in ("worker_count", "worker_buffer_size", "read_threads", "prefetch", "microbatches"):
@@ -107,6 +118,9 @@ class PipelineConfig:
         raise ValueError(f"PipelineConfig.{name} must be >= 0, got {getattr(self, name)}")
     if self.num_epochs is not None and self.num_epochs < 1:
       raise ValueError(f"num_epochs must be >= 1 or None (repeat forever), got {self.num_epochs}")
+    if self.max_image_pixels is not None and int(self.max_image_pixels) < 1:
+      raise ValueError(f"PipelineConfig.max_image_pixels must be >= 1 or None (the default limit), got "
+                       f"{self.max_image_pixels}")
     vision_budgets(self)  # raises on budgets the vision layout cannot use
     _ = self.image_config  # raises on pixel settings the image processor refuses
 
@@ -115,6 +129,13 @@ class PipelineConfig:
     """Slots of one attention window: (window side in merged tokens)² x merge_size²."""
     side = self.window_size // self.merge_size // self.patch_size
     return side * side * self.merge_size**2
+
+  @property
+  def pixel_limit(self) -> int:
+    """The most pixels an image may have (read from its header) before it is skipped undecoded."""
+    if self.max_image_pixels is None:
+      return default_pixel_limit(self.max_pixels)
+    return int(self.max_image_pixels)
 
   @property
   def image_config(self) -> ImageProcessorConfig:
@@ -254,6 +275,7 @@ class ExampleMaker(grain.transforms.Map):
     self.tokenizer = tokenizer
     self.layout = batch_layout(config, tokenizer)
     self.image_config = config.image_config
+    self.pixel_limit = config.pixel_limit
     self.task = TASKS[config.task]
 
   def map(self, features: Mapping[str, Any]) -> dict[str, Any]:
@@ -261,11 +283,10 @@ class ExampleMaker(grain.transforms.Map):
     try:
       return self._make(record_id, features)
     except RecordError as error:
-      return rejected(record_id, "skipped", str(error), error)
+      return rejected("skipped", error)
     except Exception as error:  # noqa: BLE001 - any failure costs only its record (counted, named)
-      wrapped = InvalidFieldError(record_id, "<record>", f"{type(error).__name__}: {error}",
-                                  "fix or remove the record (strict=True stops the run here)")
-      return rejected(record_id, "skipped", str(wrapped), wrapped)
+      return rejected("skipped", InvalidFieldError(record_id, "<record>", f"{type(error).__name__}: {error}",
+                                                   "fix or remove the record (strict=True stops the run here)"))
 
   def _make(self, record_id: str, features: Mapping[str, Any]) -> dict[str, Any]:
     cfg, special = self.config, self.tokenizer.special
@@ -281,9 +302,10 @@ class ExampleMaker(grain.transforms.Map):
     frame_slots = [s for g in grids for s in _frame_slots(tuple(int(v) for v in g), cfg.patch_size,
                                                           cfg.merge_size, cfg.window_size)]
     if not self.layout.fits_alone(frame_slots):
-      return rejected(record_id, "dropped_images", f"record {record_id!r}: its images (grids {grids.tolist()}) "
-                      f"need frames of {frame_slots} vision slots, more than frame_budget={self.layout.frame_budget}"
-                      f" / patch_budget={self.layout.patch_budget} hold; raise the budgets or lower max_pixels")
+      return rejected("dropped_images", ImagesOverBudgetError(
+          record_id, "<images>", f"its images (grids {grids.tolist()}) need frames of {frame_slots} vision slots, more "
+          f"than frame_budget={self.layout.frame_budget} / patch_budget={self.layout.patch_budget} hold",
+          "raise the budgets or lower max_pixels", size=sum(frame_slots), limit=self.layout.patch_budget))
     position_ids, deltas = positions.get_rope_index(
         ids[None], None, grids if len(grids) else None, image_token_id=special.image_pad,
         video_token_id=special.video_pad, spatial_merge_size=cfg.merge_size)  # (3, 1, n), (1, 1)
@@ -298,16 +320,19 @@ class ExampleMaker(grain.transforms.Map):
     seq_len, special = self.config.seq_len, self.tokenizer.special
     if len(ids) <= seq_len:
       return ids, labels
-    problem = f"record {record_id!r} has {len(ids)} tokens, more than seq_len={seq_len}"
+
+    def overlong(why: str, fix: str) -> dict[str, Any]:
+      return rejected("dropped_overlong", OverlongRecordError(
+          record_id, "<text>", f"has {len(ids)} tokens, more than seq_len={seq_len}{why}", fix, size=len(ids),
+          limit=seq_len))
+
     if self.config.overlong == "drop":
-      return rejected(record_id, "dropped_overlong", f"{problem} (overlong='drop')")
+      return overlong(" (overlong='drop')", "raise seq_len, or truncate (overlong='truncate')")
     vision = np.flatnonzero(np.isin(ids, (special.vision_start, special.image_pad, special.vision_end)))
     if vision.size and vision[-1] >= seq_len:
-      return rejected(record_id, "dropped_overlong", f"{problem}, and a cut there would split its image "
-                      "placeholders; raise seq_len or lower max_pixels")
+      return overlong(", and a cut there would split its image placeholders", "raise seq_len or lower max_pixels")
     if not np.any(labels[:seq_len] != prompts.IGNORE_INDEX):
-      return rejected(record_id, "dropped_overlong", f"{problem}; cut there, no answer token is left to learn "
-                      "from; raise seq_len")
+      return overlong("; cut there, no answer token is left to learn from", "raise seq_len")
     return ids[:seq_len], labels[:seq_len]
 
   def _preprocess(self, record_id: str, field: str, value) -> tuple[np.ndarray, tuple[int, int, int]]:
@@ -323,23 +348,29 @@ class ExampleMaker(grain.transforms.Map):
       raise InvalidFieldError(record_id, field, f"is a {type(value).__name__}, not encoded image bytes or a path",
                               "store the encoded image file (as the builders do)")
     try:
-      return image_patches(bytes(value) if isinstance(value, np.bytes_) else value, self.image_config)
+      return image_patches(bytes(value) if isinstance(value, np.bytes_) else value, self.image_config,
+                           self.pixel_limit)
+    except PixelLimitError as error:
+      raise ImageTooLargeError(record_id, field, str(error), "downscale the image (or remove the record) and "
+                               "rebuild the data set, or raise max_image_pixels", size=error.pixels,
+                               limit=error.limit) from None
     except ValueError as error:
       raise CorruptImageError(record_id, field, str(error), "re-encode or replace the image, or remove the "
                               "record, and rebuild the data set") from None
 
 
-def image_patches(image, config: ImageProcessorConfig) -> tuple[np.ndarray, tuple[int, int, int]]:
+def image_patches(image, config: ImageProcessorConfig,
+                  max_image_pixels: int | None = None) -> tuple[np.ndarray, tuple[int, int, int]]:
   """(uint8 patches (n, C, P, P) in `pixel_values` row order, grid (1, h, w)) of one image.
 
   `preprocess_image` stopped before normalising: the same RGB conversion, smart_resize and PIL bicubic
   resize, and the same merge-window patch order. The batch normalises these with the same lookup table
   (`batching._vision_inputs`), which gives exactly `preprocess_image`'s pixel_values while workers hand
   over an eighth of the bytes. Adapter over image_processor's helpers: that module has no public
-  "resize only" entry point.
+  "resize only" entry point. An encoded image over `max_image_pixels` raises `PixelLimitError` undecoded.
   """
   p, m = config.patch_size, config.merge_size
-  rgb = _to_rgb(image)
+  rgb = _to_rgb(image, max_image_pixels)
   height, width = smart_resize(rgb.height, rgb.width, p * m, config.min_pixels, config.max_pixels)
   if (width, height) != rgb.size:
     rgb = rgb.resize((width, height), Image.Resampling.BICUBIC)
@@ -392,11 +423,15 @@ def batch_layout(config: PipelineConfig, tokenizer: TextTokenizer | None = None)
 
 
 def load_source(config: PipelineConfig):
-  """The random-access source of the configured built data set (`builders.load_records`)."""
-  from data_pipeline.builders import load_records  # TFDS import only when reading a built data set
+  """The random-access source of the configured built data set (`builders.load_records`).
+
+  Every problem with it (no data_dir, no such data set, config or split, a damaged build) is one
+  `DatasetError` naming the path or split and the fix.
+  """
   if not config.data_dir:
-    raise ValueError("PipelineConfig.data_dir is empty; point it to where data_pipeline.builders.build wrote "
-                     "the data set")
+    raise DatasetError("data.data_dir (PipelineConfig.data_dir) is empty; point it to where "
+                       "data_pipeline.builders.build wrote the data set")
+  from data_pipeline.builders import load_records  # TFDS import only when reading a built data set
   return load_records(config.dataset, config.data_dir, config.split, config=config.dataset_config)
 
 
@@ -420,7 +455,9 @@ def make_dataset(config: PipelineConfig, *, source: Sequence | None = None, toke
   """
   source = load_source(config) if source is None else source
   if len(source) == 0:
-    raise ValueError(f"the source of split {config.split!r} holds no records")
+    where = f" of {config.data_dir}" if config.data_dir else ""
+    raise DatasetError(f"the {config.split} split{where} holds no records; rebuild the data set, or set data.split to "
+                       "a split with records")
   tokenizer = load_tokenizer(config.tokenizer_dir) if tokenizer is None else tokenizer
   index, count = shard_of(process_index, process_count)
   ds = grain.MapDataset.source(source)
@@ -446,7 +483,9 @@ def make_dataset(config: PipelineConfig, *, source: Sequence | None = None, toke
   it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.worker_count,
                                                          per_worker_buffer_size=max(1, config.worker_buffer_size)))
   it_ds = grain.experimental.FlatMapIterDataset(it_ds, _Ungroup())
-  it_ds = BatchIterDataset(it_ds, batch_layout(config, tokenizer), strict=config.strict)
+  it_ds = BatchIterDataset(it_ds, batch_layout(config, tokenizer), strict=config.strict,
+                           max_unusable_at_start=config.max_unusable_at_start,
+                           max_unusable_in_a_row=config.max_unusable_in_a_row)
   if config.microbatches:
     it_ds = it_ds.batch(config.microbatches, drop_remainder=True)
   if config.prefetch:
@@ -490,6 +529,15 @@ class PipelineIterator(grain.DatasetIterator):
   @property
   def counters(self) -> Counters:
     return find_counters(self.get_state()) or Counters()
+
+
+def skip_counts(iterator: PipelineIterator) -> dict[str, int]:
+  """Records the iterator has not used so far, per reason: every `batching.SKIP_REASONS` key, zeros included.
+
+  For the training log (one column per reason, every step): what the batches handed out so far skipped,
+  restored with the iterator's checkpoint. `iterator.counters` has the rest (truncated, fill fractions).
+  """
+  return dict(iterator.counters.reasons)
 
 
 def make_iterator(config: PipelineConfig, *, mesh=None, source: Sequence | None = None,

@@ -12,7 +12,8 @@ can trust it. `to_features()` gives the flat dict of numpy-friendly values that 
 The parsers turn one released annotation item (a dict) into records. Images are read from *inside the
 data set root only*: absolute paths elsewhere, `..` escapes and symlinks leading out are refused, and
 every image is decoded once with PIL, so a bad file is reported here, named, instead of crashing a
-training step hours later. Every failure is a `RecordError` naming the record, the field and the fix.
+training step hours later; one whose header declares more than `max_image_pixels` is refused before
+decoding. Every failure is a `RecordError` naming the record, the field and the fix.
 
 Label sets come from `data_pipeline/tasks.py` (`MIKELS_8` here is their lower-case spelling).
 """
@@ -32,8 +33,9 @@ import numpy as np
 from PIL import Image
 
 from data_pipeline import tasks
-from data_pipeline.errors import (CorruptImageError, InvalidFieldError, MissingFieldError, MissingFileError,
-                                  RecordError, UnknownLabelError, UnsafePathError)
+from data_pipeline.errors import (CorruptImageError, ImageTooLargeError, InvalidFieldError, MissingFieldError,
+                                  MissingFileError, RecordError, UnknownLabelError, UnsafePathError)
+from data_pipeline.image_processor import PIXEL_LIMIT_CAP
 
 # Label sets live in data_pipeline/tasks.py; records store the lower-case spelling of the Mikels classes.
 # The 8 Mikels emotion categories (EmoVerse's CES), in alphabetical order: a label's index is its class id.
@@ -254,33 +256,63 @@ def resolve_image_path(root: str | os.PathLike, path: Any, record_id: str, field
   return real
 
 
-def image_size(data: bytes, record_id: str, field: str, origin: str = "the image") -> tuple[int, int]:
+def image_size(data: bytes, record_id: str, field: str, origin: str = "the image", *,
+               max_image_pixels: int | None = None) -> tuple[int, int]:
   """(width, height) of encoded image bytes, decoding every pixel: truncated files fail here, not later.
 
-  `origin` names the bytes in the error (the file path when they were read from one).
+  An image whose header declares more than `max_image_pixels` (None: `PIXEL_LIMIT_CAP`) is refused with
+  `ImageTooLargeError` before a pixel is decoded. `origin` names the bytes in the error (the file path when
+  they were read from one).
   """
   if not isinstance(data, (bytes, bytearray)) or not data:
     raise CorruptImageError(record_id, field, f"{origin} has no bytes", "give an encoded image (JPEG, PNG, ...)")
   try:
-    with Image.open(io.BytesIO(data)) as image:
+    with Image.open(io.BytesIO(data)) as image:  # the header only
+      check_pixel_count(image.size, record_id, field, origin, max_image_pixels)
       image.verify()  # structure and checksums
     with Image.open(io.BytesIO(data)) as image:
       image.load()  # verify() does not see truncated pixel data
       return image.size
+  except ImageTooLargeError:
+    raise
+  except Image.DecompressionBombError as error:  # above twice PIL's threshold: Image.open refuses it
+    raise ImageTooLargeError(record_id, field, f"{origin} is larger than PIL opens ({error})", _DOWNSCALE,
+                             limit=_pixel_limit(max_image_pixels)) from None
   except Image.UnidentifiedImageError:
     problem = f"{origin} is not in an image format PIL can read"
-  except Exception as error:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBomb...)
+  except Exception as error:  # PIL raises many types (OSError, SyntaxError, ValueError...)
     problem = f"{origin} cannot be decoded ({type(error).__name__}: {error})"
   raise CorruptImageError(record_id, field, problem, "re-download or re-encode the image, or remove the record")
 
 
-def read_image(root: str | os.PathLike | None, image: Any, record_id: str, field: str) -> tuple[bytes, int, int]:
-  """Encoded bytes and size of an annotation's image: a path under `root`, raw bytes, or an HF image dict."""
+_DOWNSCALE = "downscale the image (or remove the record), or raise max_image_pixels"
+
+
+def _pixel_limit(max_image_pixels: int | None) -> int:
+  return PIXEL_LIMIT_CAP if max_image_pixels is None else int(max_image_pixels)
+
+
+def check_pixel_count(size: tuple[int, int], record_id: str, field: str, origin: str,
+                      max_image_pixels: int | None = None) -> None:
+  """Raises `ImageTooLargeError` when an image of `size` (width, height) has more than `max_image_pixels`."""
+  limit = _pixel_limit(max_image_pixels)
+  width, height = size
+  if width * height > limit:
+    raise ImageTooLargeError(record_id, field, f"{origin} is {width}x{height} = {width * height:,} pixels, more "
+                             f"than max_image_pixels={limit:,}", _DOWNSCALE, size=width * height, limit=limit)
+
+
+def read_image(root: str | os.PathLike | None, image: Any, record_id: str, field: str, *,
+               max_image_pixels: int | None = None) -> tuple[bytes, int, int]:
+  """Encoded bytes and size of an annotation's image: a path under `root`, raw bytes, or an HF image dict.
+
+  Images of more than `max_image_pixels` (None: `PIXEL_LIMIT_CAP`) are refused from their header.
+  """
   if isinstance(image, Mapping):  # HF `datasets` Image feature: {"bytes": ..., "path": ...}
     image = image.get("bytes") or image.get("path")
   if isinstance(image, (bytes, bytearray)):
     data = bytes(image)
-    return data, *image_size(data, record_id, field, "the image bytes")
+    return data, *image_size(data, record_id, field, "the image bytes", max_image_pixels=max_image_pixels)
   if root is None:
     raise InvalidFieldError(record_id, field, f"is a path ({image!r:.120}) but no data set root was given",
                             "pass the data set root (the builder's manual_dir)")
@@ -292,9 +324,10 @@ def read_image(root: str | os.PathLike | None, image: Any, record_id: str, field
                            "make the file readable, or remove the record") from None
   key = (str(path), stat.st_mtime_ns, stat.st_size)
   if key not in _DECODED_FILES:  # EEmoDB asks ~10 questions per image: decode each file once
-    _DECODED_FILES[key] = image_size(data, record_id, field, str(path))
+    _DECODED_FILES[key] = image_size(data, record_id, field, str(path), max_image_pixels=max_image_pixels)
     if len(_DECODED_FILES) > _DECODED_FILES_MAX:
       del _DECODED_FILES[next(iter(_DECODED_FILES))]
+  check_pixel_count(_DECODED_FILES[key], record_id, field, str(path), max_image_pixels)  # decoded under another limit
   return data, *_DECODED_FILES[key]
 
 
@@ -316,7 +349,7 @@ _EMOVERSE_NAMES = {
 
 
 def parse_emoverse(item: Mapping[str, Any], root: str | os.PathLike | None, *, default_id: str,
-                   split: str = "") -> EmoVerseRecord:
+                   split: str = "", max_image_pixels: int | None = None) -> EmoVerseRecord:
   """One EmoVerse annotation (GitHub JSON/JSONL item or HF parquet row) -> `EmoVerseRecord`.
 
   Required: the image, emotion, description, background, attribute, subject. Optional: id (else
@@ -327,7 +360,7 @@ def parse_emoverse(item: Mapping[str, Any], root: str | os.PathLike | None, *, d
     raise InvalidFieldError(record_id, "<item>", f"is a {type(item).__name__}, not a JSON object",
                             "each annotation must be an object with EmoVerse fields")
   image_key, image = _first(item, "image", record_id, required=True)
-  data, width, height = read_image(root, image, record_id, image_key)
+  data, width, height = read_image(root, image, record_id, image_key, max_image_pixels=max_image_pixels)
   emotion_key, emotion = _first(item, "emotion", record_id, required=True)
   _, confidence = _first(item, "confidence", record_id)
   des_key, des = _first(item, "des", record_id)
@@ -402,7 +435,7 @@ _OPTION_MARK = re.compile(r"(?:^|(?<=\s))\(?([A-H])\s*[:.)]\s*")
 
 
 def parse_eemo(item: Mapping[str, Any], root: str | os.PathLike | None, *, default_id: str,
-               split: str = "") -> list[EEmoRecord]:
+               split: str = "", max_image_pixels: int | None = None) -> list[EEmoRecord]:
   """One EEmoDB item -> its records: LLaVA-style `{image, conversations}` (one record per question and
   answer turn) or Stage-2 / benchmark `{problem: {question}, solution: {answer}, video_path}`."""
   record_id = _item_id(item, default_id)
@@ -410,19 +443,21 @@ def parse_eemo(item: Mapping[str, Any], root: str | os.PathLike | None, *, defau
     raise InvalidFieldError(record_id, "<item>", f"is a {type(item).__name__}, not a JSON object",
                             "each EEmoDB item must be an object")
   if "conversations" in item:
-    return parse_eemo_conversation(item, root, default_id=default_id, split=split)
+    return parse_eemo_conversation(item, root, default_id=default_id, split=split,
+                                   max_image_pixels=max_image_pixels)
   if "problem" in item or "solution" in item:
-    return [parse_eemo_stage2(item, root, default_id=default_id, split=split)]
+    return [parse_eemo_stage2(item, root, default_id=default_id, split=split, max_image_pixels=max_image_pixels)]
   raise MissingFieldError(record_id, "conversations", "the item has neither 'conversations' nor "
                           "'problem'/'solution'", "give LLaVA-style {image, conversations} or Stage-2 "
                           "{problem: {question}, solution: {answer}, video_path} items")
 
 
-def parse_eemo_conversation(item: Mapping[str, Any], root, *, default_id: str, split: str = "") -> list[EEmoRecord]:
+def parse_eemo_conversation(item: Mapping[str, Any], root, *, default_id: str, split: str = "",
+                            max_image_pixels: int | None = None) -> list[EEmoRecord]:
   record_id = _item_id(item, default_id)
   if "image" not in item:
     raise MissingFieldError(record_id, "image", "the item names no image", "give 'image': path or [path, path]")
-  images = _read_images(root, item["image"], record_id, "image")
+  images = _read_images(root, item["image"], record_id, "image", max_image_pixels)
   turns = item["conversations"]
   if not isinstance(turns, list) or not turns or len(turns) % 2:
     raise InvalidFieldError(record_id, "conversations", "must be a non-empty list of human/gpt turn pairs",
@@ -442,7 +477,8 @@ def parse_eemo_conversation(item: Mapping[str, Any], root, *, default_id: str, s
   return records
 
 
-def parse_eemo_stage2(item: Mapping[str, Any], root, *, default_id: str, split: str = "") -> EEmoRecord:
+def parse_eemo_stage2(item: Mapping[str, Any], root, *, default_id: str, split: str = "",
+                      max_image_pixels: int | None = None) -> EEmoRecord:
   record_id = _item_id(item, default_id)
   problem, solution = item.get("problem"), item.get("solution")
   question = problem.get("question") if isinstance(problem, Mapping) else problem
@@ -454,7 +490,7 @@ def parse_eemo_stage2(item: Mapping[str, Any], root, *, default_id: str, split: 
   key = next((k for k in ("video_path", "image", "image_path") if k in item), None)
   if key is None:
     raise MissingFieldError(record_id, "video_path", "the item names no image", "give 'video_path': image path")
-  images = _read_images(root, item[key], record_id, key)
+  images = _read_images(root, item[key], record_id, key, max_image_pixels)
   options = problem.get("options") if isinstance(problem, Mapping) else None
   return _qa_record(record_id, images, question, answer, options, split)
 
@@ -591,13 +627,14 @@ def _options(value: Any, record_id: str) -> tuple[str, ...]:
   return tuple(re.sub(r"^\(?[A-H]\s*[:.)]\s*", "", v).strip() for v in value)
 
 
-def _read_images(root, value, record_id: str, field: str) -> list[tuple[bytes, int, int]]:
+def _read_images(root, value, record_id: str, field: str,
+                 max_image_pixels: int | None = None) -> list[tuple[bytes, int, int]]:
   paths = [value] if isinstance(value, (str, bytes, Mapping)) else value
   if not isinstance(paths, (list, tuple)) or not 1 <= len(paths) <= MAX_IMAGES:
     raise InvalidFieldError(record_id, field, f"must be one image path or a list of 1 to {MAX_IMAGES}, "
                             f"got {value!r:.80}", "give 'image': path or [path, path]")
-  return [read_image(root, p, record_id, field if len(paths) == 1 else f"{field}[{i}]")
-          for i, p in enumerate(paths)]
+  return [read_image(root, p, record_id, field if len(paths) == 1 else f"{field}[{i}]",
+                     max_image_pixels=max_image_pixels) for i, p in enumerate(paths)]
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -727,6 +764,6 @@ def _dataclass_equal(a, b) -> bool:
 
 
 __all__ = ["CONFIDENCE_RANGE", "DES_DIM", "EEMO_TASKS", "EEmoRecord", "EmoVerseRecord", "MIKELS_8", "OPTION_SETS",
-           "RecordError", "VAD_TASKS", "answer_body", "canonical_emotion", "detect_option_set", "image_size",
-           "infer_task", "parse_eemo", "parse_eemo_conversation", "parse_eemo_stage2", "parse_emoverse",
+           "RecordError", "VAD_TASKS", "answer_body", "canonical_emotion", "check_pixel_count", "detect_option_set",
+           "image_size", "infer_task", "parse_eemo", "parse_eemo_conversation", "parse_eemo_stage2", "parse_emoverse",
            "parse_options", "read_image", "resolve_image_path"]

@@ -55,14 +55,24 @@ def build(name: str, data_dir: str | Path, *, manual_dir: str | Path | None = No
   """Builds data set `name` ("emoverse", "eemo", "synthetic") into `data_dir` as ArrayRecord.
 
   `manual_dir` is the data set root (required for the real sets). Extra kwargs go to the builder:
-  `annotations=` (emoverse, eemo), `image_root=` (eemo), `seed=`, `num_train=`, `num_test=` (synthetic).
-  An existing build is reused unless `overwrite=True`.
+  `annotations=` (emoverse, eemo), `image_root=` (eemo), `seed=`, `num_train=`, `num_test=` (synthetic),
+  `max_image_pixels=` (images over it are skipped from their header; default `PIXEL_LIMIT_CAP`).
+  An existing build is reused unless `overwrite=True`. Problems with the arguments or the data set as a
+  whole, including a split in which every record is bad, raise `DatasetError`.
   """
   if name not in BUILDERS:
     raise DatasetError(f"unknown data set {name!r}; choose one of {sorted(BUILDERS)}")
-  if name != "synthetic" and manual_dir is None:
-    raise DatasetError(f"{name} is built from a local copy: pass manual_dir=<the data set root folder>")
-  builder = BUILDERS[name](data_dir=str(data_dir), config=config, strict=strict, **kwargs)
+  builder_class = BUILDERS[name]
+  configs = [c.name for c in builder_class.BUILDER_CONFIGS]
+  if config is not None and config not in configs:
+    raise DatasetError(f"{name} has no config {config!r}; " + (f"use one of {configs}" if configs else "leave it out"))
+  if name != "synthetic":
+    if manual_dir is None:
+      raise DatasetError(f"{name} is built from a local copy: pass manual_dir=<the data set root folder>")
+    if not Path(manual_dir).is_dir() or not any(Path(manual_dir).iterdir()):
+      raise DatasetError(f"manual_dir {manual_dir} does not exist or is empty; pass the root folder of your copy of "
+                         f"{name} ({builder_class.HOMEPAGE})")
+  builder = builder_class(data_dir=str(data_dir), config=config, strict=strict, **kwargs)
   mode = tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
   if overwrite:
     mode = tfds.download.GenerateMode.FORCE_REDOWNLOAD

@@ -7,6 +7,8 @@ string `Tensor` (`tfds.features.Image` would need TensorFlow to encode), and tex
 The skip-or-fail loop is the data-set half of "bad records are counted and skipped with a clear
 message, or fail the run when configured so" (DESIGN.md decision 11). A bad record costs only itself:
 every parse runs on its own, and the ids skipped are written beside the data in `skipped_records.json`.
+A split in which no record is good fails the build with a `DatasetError` (TFDS cannot write an empty
+split); the skipped ids then go to `skipped_records.json` one folder up, where no built version is.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from data_pipeline.errors import DatasetError, DuplicateIdError, InvalidFieldError, RecordError
+from data_pipeline.image_processor import PIXEL_LIMIT_CAP
 from data_pipeline.records import DES_DIM, EEmoRecord, EmoVerseRecord
 
 SKIPPED_FILE = "skipped_records.json"
@@ -69,16 +72,34 @@ def eemo_features() -> tfds.features.FeaturesDict:
 Attempt = tuple[str, Callable[[], Sequence[EmoVerseRecord | EEmoRecord]]]
 
 
+class EmptySplitError(DatasetError):
+  """A split has no good record to write; `skipped` tells whether bad ones were skipped (and listed)."""
+
+  def __init__(self, message: str, split: str, skipped: bool):
+    super().__init__(message)
+    self.split = split
+    self.skipped = skipped
+
+
 class RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """A GeneratorBasedBuilder writing ArrayRecord, skipping bad records (or failing when `strict`)."""
+  """A GeneratorBasedBuilder writing ArrayRecord, skipping bad records (or failing when `strict`).
+
+  `max_image_pixels` refuses images whose header declares more pixels, before decoding them (None:
+  `PIXEL_LIMIT_CAP`, PIL's decompression-bomb warning threshold, which is also the largest limit the input
+  pipeline uses by default, so a larger image could never train). A build is reused by TFDS whatever the
+  limit; rebuild with overwrite=True after changing it.
+  """
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "First release."}
   DESCRIPTION = ""
   HOMEPAGE = ""
 
-  def __init__(self, *, strict: bool = False, **kwargs):
+  def __init__(self, *, strict: bool = False, max_image_pixels: int | None = None, **kwargs):
     self.strict = strict
+    self.max_image_pixels = PIXEL_LIMIT_CAP if max_image_pixels is None else int(max_image_pixels)
+    if self.max_image_pixels < 1:
+      raise DatasetError(f"max_image_pixels must be >= 1, got {max_image_pixels}")
     self.skipped: dict[str, list[dict[str, str]]] = {}
     self.generated = False
     kwargs.setdefault("file_format", "array_record")
@@ -103,6 +124,7 @@ class RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     self.generated = True
     skipped = self.skipped.setdefault(split, [])
     seen: set[str] = set()
+    written = 0
     for where, attempt in attempts:
       try:
         records = list(attempt())
@@ -125,16 +147,49 @@ class RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         continue
       seen.update(ids)
       for record in records:
+        written += 1
         yield record.id, record.to_features()
+    if not written:  # TFDS would fail with "No examples were yielded", naming neither the split nor the records
+      if skipped:
+        reasons = sorted({s["error"] for s in skipped})
+        raise EmptySplitError(f"every record of the {split} split of {self.name} is bad: {len(skipped)} skipped "
+                              f"({', '.join(reasons)}), none written", split, skipped=True)
+      raise EmptySplitError(f"the {split} split of {self.name} has no records: its annotations hold no items",
+                            split, skipped=False)
 
   def download_and_prepare(self, *args, **kwargs):
-    """Prepares the data, then writes the skipped-record summary beside it (when it generated anything)."""
-    super().download_and_prepare(*args, **kwargs)
+    """Prepares the data, then writes the skipped-record summary beside it (when it generated anything).
+
+    A split without one good record stops the build with a `DatasetError`; when it had bad records, their
+    list is written to `skipped_records.json` beside the version folder (which TFDS did not create) and
+    the message points at it.
+    """
+    target = Path(self.data_dir)  # TFDS points data_dir at a temporary folder while generating
+    try:
+      super().download_and_prepare(*args, **kwargs)
+    except EmptySplitError as error:
+      if not error.skipped:
+        raise DatasetError(f"{error}; check the annotation files of that split (or pass annotations=...)") from None
+      path = write_failed_summary(self, target.parent, str(error))
+      raise DatasetError(f"{error}. The skipped records and why: {path}; fix them, or leave the split out "
+                         "(annotations=...)") from None
     if self.generated:
       write_skipped_summary(self)
 
 
+def write_failed_summary(builder: RecordBuilder, folder: Path, failure: str) -> Path:
+  """`skipped_records.json` of a build that failed: the records skipped so far, in `folder`."""
+  path = Path(folder) / SKIPPED_FILE
+  path.parent.mkdir(parents=True, exist_ok=True)
+  summary = {"dataset": builder.name, "config": builder.builder_config.name if builder.builder_config else "",
+             "strict": builder.strict, "failed": failure,
+             "splits": {name: {"written": 0, "skipped": skipped} for name, skipped in builder.skipped.items()}}
+  path.write_text(json.dumps(summary, indent=1, ensure_ascii=False))
+  return path
+
+
 def write_skipped_summary(builder: RecordBuilder) -> Path:
+  (Path(builder.data_dir).parent / SKIPPED_FILE).unlink(missing_ok=True)  # an earlier failed build's list
   path = Path(builder.data_dir) / SKIPPED_FILE
   splits = {name: {"written": builder.info.splits[name].num_examples, "skipped": builder.skipped.get(name, [])}
             for name in builder.info.splits.keys()}

@@ -60,10 +60,10 @@ class EEmo(RecordBuilder):
     if search_dir and not (root / search_dir).is_dir():
       search_dir = ""  # a flat folder: look everywhere under the root
     files = split_annotation_files(root, self.annotations, search_dir)
-    return {split: self._generate_examples(split, annotation_attempts(
-                root, paths, functools.partial(_parse, image_root=image_root, split=split)))
+    return {split: self._generate_examples(split, annotation_attempts(root, paths, functools.partial(
+                _parse, image_root=image_root, split=split, max_image_pixels=self.max_image_pixels)))
             for split, paths in files.items()}
 
 
-def _parse(item, where: str, *, image_root: Path, split: str):
-  return parse_eemo(item, image_root, default_id=where, split=split)
+def _parse(item, where: str, *, image_root: Path, split: str, max_image_pixels: int):
+  return parse_eemo(item, image_root, default_id=where, split=split, max_image_pixels=max_image_pixels)

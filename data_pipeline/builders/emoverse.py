@@ -42,8 +42,9 @@ class EmoVerse(RecordBuilder):
     root = Path(dl_manager.manual_dir)
     files = split_annotation_files(root, self.annotations)
     return {split: self._generate_examples(split, annotation_attempts(root, paths, functools.partial(
-                _parse, root=root, split=split))) for split, paths in files.items()}
+                _parse, root=root, split=split, max_image_pixels=self.max_image_pixels)))
+            for split, paths in files.items()}
 
 
-def _parse(item, where: str, *, root: Path, split: str):
-  return [parse_emoverse(item, root, default_id=where, split=split)]
+def _parse(item, where: str, *, root: Path, split: str, max_image_pixels: int):
+  return [parse_emoverse(item, root, default_id=where, split=split, max_image_pixels=max_image_pixels)]

@@ -39,14 +39,28 @@ class RecordSource:
   def __init__(self, dataset_dir: str | Path, split: str):
     self.dataset_dir = Path(dataset_dir)
     self.split = split
-    info = tfds.builder_from_directory(str(self.dataset_dir)).info
+    try:
+      info = tfds.builder_from_directory(str(self.dataset_dir)).info
+    except Exception as error:  # TFDS raises its own types for a missing or unreadable dataset_info.json
+      raise DatasetError(f"{self.dataset_dir} is not a complete built data set ({type(error).__name__}: "
+                         f"{_first_line(error)}); rebuild it with data_pipeline.builders.build(..., "
+                         "overwrite=True)") from None
     if split not in info.splits:
-      raise DatasetError(f"{self.dataset_dir} has no split {split!r}; it has {sorted(info.splits.keys())}")
+      raise DatasetError(f"{self.dataset_dir} has no split {split!r}; it has {sorted(info.splits.keys())}: set "
+                         "data.split to one of them, or build the data set with that split")
     self.paths = [str(p) for p in info.splits[split].filepaths]
+    if info.splits[split].num_examples == 0 or not self.paths:
+      raise DatasetError(f"the {split} split of {self.dataset_dir} holds no records; rebuild the data set with "
+                         "records in that split, or set data.split to another one")
     self.features = info.features
     self._text = {k for k, f in self.features.items() if _is_text(f)}
     self.record_type = EEmoRecord if "images" in self.features else EmoVerseRecord
-    self._source = grain.sources.ArrayRecordDataSource(self.paths)
+    try:
+      self._source = grain.sources.ArrayRecordDataSource(self.paths)
+    except Exception as error:  # a missing or damaged file: array_record raises RuntimeError with a C++ message
+      raise DatasetError(f"the {split} split of {self.dataset_dir} cannot be opened ({type(error).__name__}: "
+                         f"{_first_line(error)}); rebuild it with data_pipeline.builders.build(..., "
+                         "overwrite=True)") from None
 
   def __len__(self) -> int:
     return len(self._source)
@@ -73,21 +87,33 @@ class RecordSource:
 
 def dataset_dir(name: str, data_dir: str | Path, config: str | None = None, version: str | None = None) -> Path:
   """data_dir/name[/config]/version of a built data set (the newest version unless one is given)."""
+  build_it = f"build it first with data_pipeline.builders.build({name!r}, {str(data_dir)!r}, ...)"
+  if not str(data_dir):
+    raise DatasetError("the data directory is empty (data.data_dir); set it to the folder "
+                       "data_pipeline.builders.build wrote the data set to")
+  if not Path(data_dir).is_dir():
+    raise DatasetError(f"the data directory {data_dir} does not exist (data.data_dir); point it to the folder "
+                       f"holding the built data set, or {build_it}")
   base = Path(data_dir) / name
   if not base.is_dir():
-    raise DatasetError(f"no data set {name!r} under {data_dir}; build it first with "
-                       f"data_pipeline.builders.build({name!r}, {str(data_dir)!r}, ...)")
+    raise DatasetError(f"no data set {name!r} under {data_dir} (data.dataset, data.data_dir); {build_it}")
+  configs = sorted(p.name for p in base.iterdir()
+                   if p.is_dir() and not _is_version(p.name) and not p.name.startswith((".", "incomplete")))
   if config is None:
-    configs = sorted(p.name for p in base.iterdir()
-                     if p.is_dir() and not _is_version(p.name) and not p.name.startswith((".", "incomplete")))
     if len(configs) > 1:
-      raise DatasetError(f"{base} holds configs {configs}; pass config=<one of them>")
+      raise DatasetError(f"{base} holds configs {configs}; pass config=<one of them> (data.dataset_config)")
     config = configs[0] if configs else ""
   config_dir = base / config if config else base
+  if config and not config_dir.is_dir():
+    raise DatasetError(f"{base} has no config {config!r} (data.dataset_config); it holds {configs or 'none'}: "
+                       f"use one of them, or {build_it}")
   versions = sorted((p.name for p in config_dir.iterdir() if p.is_dir() and _is_version(p.name)),
-                    key=lambda v: tuple(int(x) for x in v.split("."))) if config_dir.is_dir() else []
-  if not versions or (version is not None and version not in versions):
-    raise DatasetError(f"no built version {version or ''} of {name}/{config} under {config_dir}; build it first")
+                    key=lambda v: tuple(int(x) for x in v.split(".")))
+  if not versions:
+    raise DatasetError(f"no built version of {name}/{config or '-'} under {config_dir} (an earlier build failed or "
+                       f"is still running); {build_it}")
+  if version is not None and version not in versions:
+    raise DatasetError(f"{config_dir} has no version {version}; it has {versions}")
   return config_dir / (version or versions[-1])
 
 
@@ -106,6 +132,10 @@ def _is_text(feature) -> bool:
 def _is_version(name: str) -> bool:
   parts = name.split(".")
   return len(parts) == 3 and all(p.isdigit() for p in parts)
+
+
+def _first_line(error: BaseException) -> str:
+  return (str(error).strip().splitlines() or [""])[0][:300]
 
 
 def _str(value) -> str:

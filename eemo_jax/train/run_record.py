@@ -26,8 +26,8 @@ CHANGES_FILE = "config_changes.jsonl"
 OPERATIONAL = (
     "model.hf_dir", "model.attention", "model.remat",
     "data.data_dir", "data.tokenizer_dir", "data.image_root", "data.worker_count", "data.worker_buffer_size",
-    "data.read_threads", "data.prefetch", "data.strict", "data.max_bad_records_at_start",
-    "data.max_bad_records_in_a_row",
+    "data.read_threads", "data.prefetch", "data.strict", "data.max_unusable_at_start",
+    "data.max_unusable_in_a_row",
     "eval.", "mesh.", "aot.",
     "train.run_dir", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
     "train.async_checkpoints", "train.export_dir", "train.export_overwrite", "train.peak_flops",

@@ -9,6 +9,8 @@ import io
 import json
 import os
 import pickle
+import subprocess
+import sys
 
 import grain
 import numpy as np
@@ -252,6 +254,12 @@ def test_clear_errors_for_bad_calls(tmp_path, emoverse_root):
   root = emoverse_root[0]
   with pytest.raises(DatasetError, match="manual_dir"):
     build("emoverse", tmp_path / "data")
+  with pytest.raises(DatasetError, match=f"manual_dir {tmp_path / 'absent'} does not exist or is empty"):
+    build("emoverse", tmp_path / "data", manual_dir=tmp_path / "absent")
+  with pytest.raises(DatasetError, match=r"eemo has no config 'stage1'; use one of \['qa', 'assess'\]"):
+    build("eemo", tmp_path / "data", manual_dir=root, config="stage1")
+  with pytest.raises(DatasetError, match="emoverse has no config 'qa'; leave it out"):
+    build("emoverse", tmp_path / "data", manual_dir=root, config="qa")
   with pytest.raises(DatasetError, match="unknown data set 'emoverze'"):
     build("emoverze", tmp_path / "data", manual_dir=root)
   with pytest.raises(DatasetError, match="annotations="):
@@ -281,3 +289,91 @@ def test_an_unexpected_parse_failure_costs_only_its_record(tmp_path, emoverse_ro
   assert report.written == {"train": len(good["train"]) - 1}
   [bug] = [s for s in report.skipped["train"] if "TypeError" in s["message"]]
   assert bug["where"] == "emoverse_train.json#2" and "a parser bug" in bug["message"]
+
+
+# ------------------------------------------------------------------------- unusable splits and images
+
+
+def _emoverse_item(record_id, image):
+  return {"id": record_id, "image_path": image, "description": "d", "emotion": "awe", "background": "b",
+          "attribute": "a", "subject": "s"}
+
+
+def test_a_split_with_no_good_record_fails_pointing_at_the_skipped_records(tmp_path):
+  root = tmp_path / "EmoVerse"
+  _image(root / "images" / "good.jpg", 32, 24, (200, 10, 10))
+  (root / "images" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG")
+  (root / "emoverse_train.json").write_text(json.dumps([_emoverse_item("bad-0", "images/corrupt.jpg"),
+                                                        _emoverse_item("bad-1", "images/gone.jpg")]))
+  (root / "emoverse_test.json").write_text(json.dumps([_emoverse_item("t-0", "images/good.jpg")]))
+  listing = tmp_path / "data" / "emoverse" / SKIPPED_FILE  # beside the version folder, which is not created
+  with pytest.raises(DatasetError) as caught:
+    build("emoverse", tmp_path / "data", manual_dir=root)
+  assert str(caught.value) == (
+      f"every record of the train split of emoverse is bad: 2 skipped (CorruptImageError, MissingFileError), none "
+      f"written. The skipped records and why: {listing}; fix them, or leave the split out (annotations=...)")
+  summary = json.loads(listing.read_text())
+  assert [s["id"] for s in summary["splits"]["train"]["skipped"]] == ["bad-0", "bad-1"]
+  assert summary["failed"].startswith("every record of the train split") and summary["splits"]["train"]["written"] == 0
+  assert not (tmp_path / "data" / "emoverse" / "1.0.0").exists()
+
+  # Fixed, the build succeeds, lists its (no) skipped records in the version folder, and the failure's list goes.
+  (root / "emoverse_train.json").write_text(json.dumps([_emoverse_item("good-0", "images/good.jpg")]))
+  report = build("emoverse", tmp_path / "data", manual_dir=root)
+  assert report.written == {"train": 1, "test": 1} and not listing.exists()
+  assert json.loads((tmp_path / "data" / "emoverse" / "1.0.0" / SKIPPED_FILE).read_text())["splits"]["train"] == {
+      "written": 1, "skipped": []}
+
+
+def test_a_split_without_records_fails_naming_it(tmp_path):
+  root = tmp_path / "EmoVerse"
+  root.mkdir()
+  (root / "emoverse_train.json").write_text("[]")
+  with pytest.raises(DatasetError, match=r"^the train split of emoverse has no records: its annotations hold no "
+                     r"items; check the annotation files of that split"):
+    build("emoverse", tmp_path / "data", manual_dir=root)
+  assert not (tmp_path / "data" / "emoverse" / SKIPPED_FILE).exists()
+
+
+def test_images_over_the_pixel_limit_are_skipped_from_their_header(tmp_path):
+  root = tmp_path / "EmoVerse"
+  _image(root / "images" / "small.jpg", 40, 30, (0, 90, 0))  # 1,200 pixels
+  _image(root / "images" / "large.jpg", 60, 50, (0, 0, 90))  # 3,000 pixels
+  (root / "emoverse_train.json").write_text(json.dumps([_emoverse_item("small", "images/small.jpg"),
+                                                        _emoverse_item("large", "images/large.jpg")]))
+  report = build("emoverse", tmp_path / "limited", manual_dir=root, max_image_pixels=2000)
+  assert report.written == {"train": 1} and report.skipped_ids == ["large"]
+  [skipped] = report.skipped["train"]
+  assert skipped["error"] == "ImageTooLargeError" and skipped["field"] == "image_path"
+  assert "large.jpg is 60x50 = 3,000 pixels, more than max_image_pixels=2,000" in skipped["message"]
+  assert build("emoverse", tmp_path / "default", manual_dir=root).written == {"train": 2}
+
+
+def test_a_huge_image_is_refused_by_a_build_in_little_memory(tmp_path):
+  probe = os.path.join(os.path.dirname(__file__), "huge_image_probe.py")
+  run = subprocess.run([sys.executable, probe, "build", str(tmp_path)], capture_output=True, text=True, timeout=600,
+                       cwd=os.path.join(os.path.dirname(__file__), os.pardir, os.pardir))
+  assert run.returncode == 0, run.stderr[-3000:]
+  result = json.loads(run.stdout.splitlines()[-1])
+  [skipped] = result["outcome"]["train"]
+  assert (skipped["id"], skipped["error"]) == ("huge", "ImageTooLargeError")
+  assert "12000x12000 = 144,000,000 pixels, more than max_image_pixels=89,478,485" in skipped["message"]
+  assert result["extra_mb"] < 64  # decoding it took 142 MB before the limit
+
+
+def test_damaged_or_mismatched_builds_are_one_data_set_error(tmp_path):
+  report = build("synthetic", tmp_path / "data", config="emoverse", num_train=2, num_test=1)
+  with pytest.raises(DatasetError, match=r"has no config 'emoverse' \(data.dataset_config\); it holds "
+                     r"\['emoverse-seed0-train2-test1'\]"):
+    load_records("synthetic", tmp_path / "data", "train", config="emoverse")
+  with pytest.raises(DatasetError, match=r"no split 'validation'; it has \['test', 'train'\]: set data.split"):
+    load_records("synthetic", tmp_path / "data", "validation", config=report.config)
+  for name in os.listdir(report.dataset_dir):
+    if name.startswith("synthetic-train.array_record"):
+      os.remove(os.path.join(report.dataset_dir, name))
+  with pytest.raises(DatasetError, match=r"the train split of .* cannot be opened \(RuntimeError: .*No such file"
+                     r".*\); rebuild it with data_pipeline.builders.build\(..., overwrite=True\)"):
+    load_records("synthetic", tmp_path / "data", "train", config=report.config)
+  os.remove(os.path.join(report.dataset_dir, "dataset_info.json"))
+  with pytest.raises(DatasetError, match=r"is not a complete built data set \(.*dataset_info.json\); rebuild it"):
+    load_records("synthetic", tmp_path / "data", "test", config=report.config)

@@ -448,3 +448,31 @@ def test_module_imports_neither_jax_nor_torch():
   root = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir)
   out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
   assert out.stdout.strip() == "[]"
+
+
+def test_pixel_limit_refuses_encoded_images_from_their_header(tmp_path):
+  path = str(tmp_path / "wide.png")
+  Image.new("RGB", (300, 200), (40, 90, 160)).save(path)
+  data = open(path, "rb").read()
+  for image, name in ((path, path), (data, f"<{len(data)} bytes>")):
+    with pytest.raises(ip.PixelLimitError, match=rf"^The image {name} has 300x200 = 60,000 pixels, more than the "
+                       r"limit of 59,999; it was not decoded$") as caught:
+      ip.preprocess_image(image, max_image_pixels=59_999)
+    assert (caught.value.pixels, caught.value.limit) == (60_000, 59_999)
+    assert_same(ip.preprocess_image(image, max_image_pixels=60_000), hf_preprocess(path))  # at the limit: kept
+  array = np.asarray(Image.open(path))  # already decoded: the limit has nothing to save
+  assert_same(ip.preprocess_image(array, max_image_pixels=10), hf_preprocess(array))
+
+
+def test_pixel_limit_defaults_follow_max_pixels_up_to_pils_bomb_threshold(tmp_path):
+  assert ip.PIXEL_LIMIT_CAP == Image.MAX_IMAGE_PIXELS  # PIL's decompression-bomb warning threshold
+  assert ip.default_pixel_limit(200704) == 256 * 200704  # EmoVerse's max_pixels: a 16x downscale per side
+  assert ip.default_pixel_limit(ip.DEFAULT_MAX_PIXELS) == ip.default_pixel_limit(12845056) == Image.MAX_IMAGE_PIXELS
+  # Over twice the threshold PIL refuses to open the file at all; with a limit, that is the same refusal.
+  from huge_image_probe import huge_png
+  bomb = huge_png(14000)  # 196 megapixels in 26 KB
+  with pytest.raises(ip.PixelLimitError, match="has more pixels than PIL opens") as caught:
+    ip.preprocess_image(bomb, max_image_pixels=ip.PIXEL_LIMIT_CAP)
+  assert caught.value.pixels is None
+  with pytest.raises(ValueError, match="Cannot read the image .*decompression bomb"):
+    ip.preprocess_image(bomb)  # without a limit, as before: a ValueError naming PIL's reason

@@ -6,8 +6,12 @@ be injected; rows are traced back to their records by their DES targets, which a
 """
 
 import dataclasses
+import io
 import json
 import logging
+import os
+import subprocess
+import sys
 
 import grain
 import jax
@@ -17,9 +21,11 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
+from PIL import Image
 
-from data_pipeline import pipeline
-from data_pipeline.errors import RecordError
+from data_pipeline import batching, pipeline
+from data_pipeline.errors import (CorruptImageError, DatasetError, ImagesOverBudgetError, ImageTooLargeError,
+                                  NoUsableRecordError, OverlongRecordError)
 from data_pipeline.prompts import IGNORE_INDEX
 from data_pipeline.synthetic import synthetic_emoverse_record
 from data_pipeline.tokenizer import build_offline_tokenizer, load_tokenizer
@@ -175,7 +181,7 @@ def test_uint8_pixels_are_normalised_on_the_device_to_the_float32_pixels(tokeniz
     vision.replace(pixel_levels=None).float_pixels()
 
 
-def test_overlong_examples_are_truncated_or_dropped_and_counted(tokenizer_dir, tokenizer, records):
+def test_overlong_examples_are_truncated_or_dropped_and_counted(tokenizer_dir, tokenizer, records, caplog):
   maker = pipeline.ExampleMaker(config_for(tokenizer_dir, seq_len=4096, task="emoverse_bas"), tokenizer)
   lengths = np.array([len(maker.map(r)["input_ids"]) for r in records])
   seq_len = int(np.median(lengths))
@@ -192,9 +198,14 @@ def test_overlong_examples_are_truncated_or_dropped_and_counted(tokenizer_dir, t
   assert (counters.examples, counters.truncated, counters.dropped_overlong) == (NUM_RECORDS - longer, 0, longer)
   assert "seq_len" in counters.last_messages[-1] and "synthetic" in counters.last_messages[-1]
 
-  # A cut inside the image placeholders drops the example even when truncating.
-  _, counters = take(dataclasses.replace(config, seq_len=24), records[:2], tokenizer)
-  assert counters.dropped_overlong == 2 and "split its image" in counters.last_messages[-1]
+  # A cut inside the image placeholders drops the example even when truncating; with nothing usable left,
+  # the stream ends saying so.
+  shortest = int(lengths[:2].min())
+  with caplog.at_level(logging.WARNING, logger="data_pipeline.pipeline"):
+    with pytest.raises(NoUsableRecordError, match=rf"ended after 2 records without a usable one: every record is "
+                       rf"longer than data.seq_len=24 \(shortest: {shortest} tokens\)"):
+      take(dataclasses.replace(config, seq_len=24), records[:2], tokenizer)
+  assert caplog.text.count("split its image") == 2
 
 
 def test_bad_records_are_skipped_with_their_id_and_strict_stops(tokenizer_dir, tokenizer, records, tmp_path, caplog):
@@ -210,7 +221,7 @@ def test_bad_records_are_skipped_with_their_id_and_strict_stops(tokenizer_dir, t
   assert "'missing-file'" in counters.last_messages[1] and "absent.jpg" in counters.last_messages[1]
   assert "corrupt-image" in caplog.text and "missing-file" in caplog.text
 
-  with pytest.raises(RecordError, match="corrupt-image"):
+  with pytest.raises(CorruptImageError, match="corrupt-image"):
     take(dataclasses.replace(config, strict=True), source, tokenizer)
 
 
@@ -306,9 +317,10 @@ def test_settings_that_cannot_work_fail_with_the_fix(tokenizer_dir, tokenizer, r
     pipeline.PipelineConfig(frame_budget=256, patch_budget=640)
   with pytest.raises(ValueError, match="overlong"):
     pipeline.PipelineConfig(overlong="wrap")
-  _, counters = take(config_for(tokenizer_dir, frame_budget=64, patch_budget=128, min_pixels=112 * 112),
-                     records[:2], tokenizer)
-  assert counters.dropped_images == 2 and "raise the budgets" in counters.last_messages[-1]
+  with pytest.raises(NoUsableRecordError, match=r"every record has images needing more vision slots than "
+                     r"data.frame_budget=64 / data.patch_budget=128 hold .*raise data.frame_budget and "
+                     r"data.patch_budget"):
+    take(config_for(tokenizer_dir, frame_budget=64, patch_budget=128, min_pixels=112 * 112), records[:2], tokenizer)
   with pytest.raises(ValueError, match="image_token_id"):
     pipeline.make_iterator(config_for(tokenizer_dir), source=records, tokenizer=tokenizer, model_config=cfglib.tiny())
 
@@ -322,3 +334,124 @@ def test_abstract_batch_of_two_processes_holds_two_vision_groups(tokenizer_dir, 
   assert two["input_ids"].shape == (2, 2 * one["input_ids"].shape[1], one["input_ids"].shape[2])
   assert two["position_ids"].shape[2] == 2 * one["position_ids"].shape[2]
   assert two["vision"].pixel_values.shape[1] == 2 * one["vision"].pixel_values.shape[1]
+
+
+# --------------------------------------------------------------------------------------------------
+# Records that yield no row: giving up, strict, per-reason counts, the pixel limit, data set errors
+# --------------------------------------------------------------------------------------------------
+
+# A repeating stream in which no record fits seq_len=16, read in a fresh process: before the give-up rule it
+# never returned (and logged each record); `strict` must stop at the first record.
+_UNUSABLE_RUN = """
+import logging, sys
+logging.basicConfig(level=logging.WARNING, format="%(message)s")
+from data_pipeline import pipeline
+from data_pipeline.synthetic import synthetic_emoverse_record
+from data_pipeline.tokenizer import load_tokenizer
+records = [synthetic_emoverse_record(7, i).to_features() for i in range(6)]
+for strict in (False, True):
+  config = pipeline.PipelineConfig(tokenizer_dir=sys.argv[1], seq_len=16, batch_size=2, frame_budget=256,
+                                   patch_budget=512, num_epochs=None, prefetch=2, strict=strict)
+  it = pipeline.make_iterator(config, source=records, tokenizer=load_tokenizer(sys.argv[1]))
+  try:
+    next(it)
+    print("a batch")
+  except Exception as error:
+    print(f"{type(error).__name__}: {str(error).splitlines()[0]}")
+  it.close()
+"""
+
+
+def test_a_data_set_with_no_usable_record_stops_with_one_message(tokenizer_dir, tokenizer, records):
+  maker = pipeline.ExampleMaker(config_for(tokenizer_dir, seq_len=4096), tokenizer)
+  lengths = [len(maker.map(r)["input_ids"]) for r in records[:6]]
+  root = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir)
+  try:
+    run = subprocess.run([sys.executable, "-c", _UNUSABLE_RUN, tokenizer_dir], cwd=root, capture_output=True,
+                         text=True, timeout=300)
+  except subprocess.TimeoutExpired as timeout:
+    warnings = (timeout.stderr or b"").decode(errors="replace").count("dropping record")
+    pytest.fail(f"the pipeline was still reading after 300 s ({warnings} records logged as dropped)")
+  assert run.returncode == 0, run.stderr[-3000:]
+  lax, strict = run.stdout.splitlines()
+  assert lax == (f"NoUsableRecordError: none of the first 1000 records read is usable (data.max_unusable_at_start="
+                 f"1000): every record is longer than data.seq_len=16 (shortest: {min(lengths)} tokens). To fix: "
+                 f"raise data.seq_len to at least {min(lengths)}, or lower data.max_pixels (fewer image tokens).")
+  assert strict.startswith("OverlongRecordError: record 'synthetic-s7-") and "more than seq_len=16" in strict
+  dropped = [line for line in run.stderr.splitlines() if line.startswith("dropping record")]
+  assert len(dropped) == batching.WARN_IN_FULL  # then one count line, not a line per record
+  assert "1000 unusable records so far (overlong 1000)" in run.stderr
+
+
+def _png(width, height) -> bytes:
+  buffer = io.BytesIO()
+  Image.new("RGB", (width, height), (30, 160, 90)).save(buffer, format="PNG")
+  return buffer.getvalue()
+
+
+def test_skipped_records_are_counted_per_reason_for_the_log(tokenizer_dir, tokenizer, records, tmp_path):
+  large = {**records[2], "id": "large-image", "image": _png(200, 200)}  # 40,000 pixels; synthetic ones <= 25,600
+  source = records[:4] + [{**records[0], "id": "corrupt", "image": b"GIF89a?"}, large,
+                          {**records[1], "id": "missing", "image": "absent.jpg"}] + records[4:8]
+  config = config_for(tokenizer_dir, image_root=str(tmp_path), shuffle=False, max_image_pixels=30_000, batch_size=2,
+                      patch_budget=512)
+  assert config.pixel_limit == 30_000
+  it = pipeline.make_iterator(config, source=source, tokenizer=tokenizer)
+  assert pipeline.skip_counts(it) == dict.fromkeys(batching.SKIP_REASONS, 0)
+  next(it), next(it)
+  state = json.loads(json.dumps(it.get_state()))
+  rest = list(it)
+  expected = {**dict.fromkeys(batching.SKIP_REASONS, 0), "corrupt_image": 1, "image_too_large": 1, "missing_file": 1}
+  assert pipeline.skip_counts(it) == expected and len(rest) == 2
+  assert any("'large-image', field 'image': The image <" in m and "has 200x200 = 40,000 pixels, more than the limit "
+             "of 30,000" in m for m in it.counters.last_messages)
+  it.close()
+  restored = pipeline.make_iterator(config, source=source, tokenizer=tokenizer)
+  restored.set_state(state)
+  assert pipeline.skip_counts(restored) == expected  # all three lie before the third batch
+  restored.close()
+
+
+def test_the_default_pixel_limit_follows_max_pixels_with_a_cap(tokenizer_dir):
+  assert config_for(tokenizer_dir).pixel_limit == 256 * 200704 == 51_380_224  # EmoVerse's max_pixels
+  assert config_for(tokenizer_dir, max_pixels=12845056).pixel_limit == Image.MAX_IMAGE_PIXELS == 89_478_485
+  with pytest.raises(ValueError, match="max_image_pixels"):
+    config_for(tokenizer_dir, max_image_pixels=0)
+
+
+@pytest.mark.parametrize("case", ["overlong", "images_over_budget", "image_too_large", "overlong_on_a_mesh"])
+def test_strict_stops_at_records_too_long_or_too_large(tokenizer_dir, tokenizer, records, case):
+  changes, error, message = {
+      "overlong": (dict(seq_len=24), OverlongRecordError, "more than seq_len=24, and a cut there would split"),
+      "overlong_on_a_mesh": (dict(seq_len=24, batch_size=8, patch_budget=2048), OverlongRecordError, "seq_len=24"),
+      "images_over_budget": (dict(frame_budget=64, patch_budget=128, min_pixels=112 * 112), ImagesOverBudgetError,
+                             "more than frame_budget=64 / patch_budget=128 hold"),
+      "image_too_large": (dict(max_image_pixels=1000), ImageTooLargeError, "more than the limit of 1,000"),
+  }[case]
+  mesh = make_mesh({"data": 2, "fsdp": 4}) if case.endswith("mesh") else None
+  config = config_for(tokenizer_dir, strict=True, shuffle=False, prefetch=2, **changes)
+  with pytest.raises(error, match=rf"^record 'synthetic-s7-000000', field .*{message}"):
+    take(config, records, tokenizer, mesh=mesh)
+
+
+def test_a_huge_image_is_skipped_from_its_header_in_little_memory(tokenizer_dir, tmp_path):
+  probe = os.path.join(os.path.dirname(__file__), "huge_image_probe.py")
+  run = subprocess.run([sys.executable, probe, "pipeline", str(tmp_path), tokenizer_dir], capture_output=True,
+                       text=True, timeout=600, cwd=os.path.join(os.path.dirname(__file__), os.pardir, os.pardir))
+  assert run.returncode == 0, run.stderr[-3000:]
+  result = json.loads(run.stdout.splitlines()[-1])
+  assert result["outcome"] == {"outcome": "skipped", "reason": "image_too_large"}
+  assert result["extra_mb"] < 64  # decoding it would take 144 MB, its RGB conversion 432 MB more (measured 824)
+
+
+def test_a_missing_data_dir_or_empty_split_is_one_data_set_error(tokenizer_dir, tokenizer, tmp_path):
+  with pytest.raises(DatasetError, match=r"data.data_dir \(PipelineConfig.data_dir\) is empty"):
+    pipeline.make_iterator(config_for(tokenizer_dir), tokenizer=tokenizer)
+  nowhere = tmp_path / "nowhere"
+  with pytest.raises(DatasetError, match=f"the data directory {nowhere} does not exist .*build it first"):
+    pipeline.load_source(config_for(tokenizer_dir, data_dir=str(nowhere)))
+  (tmp_path / "data").mkdir()
+  with pytest.raises(DatasetError, match=f"no data set 'synthetic' under {tmp_path / 'data'}"):
+    pipeline.make_iterator(config_for(tokenizer_dir, data_dir=str(tmp_path / "data")), tokenizer=tokenizer)
+  with pytest.raises(DatasetError, match="the validation split holds no records; .*data.split"):
+    pipeline.make_iterator(config_for(tokenizer_dir, split="validation"), source=[], tokenizer=tokenizer)

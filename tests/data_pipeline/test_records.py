@@ -8,15 +8,17 @@ import io
 import json
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipeline.errors import (CorruptImageError, InvalidFieldError, MissingFieldError, MissingFileError,
-                                  RecordError, UnknownLabelError, UnsafePathError)
-from data_pipeline.records import (DES_DIM, MIKELS_8, OPTION_SETS, EEmoRecord, EmoVerseRecord, parse_eemo,
-                                   parse_emoverse, parse_options)
+from data_pipeline.errors import (CorruptImageError, ImageTooLargeError, InvalidFieldError, MissingFieldError,
+                                  MissingFileError, RecordError, UnknownLabelError, UnsafePathError)
+from data_pipeline.records import (DES_DIM, MIKELS_8, OPTION_SETS, EEmoRecord, EmoVerseRecord, image_size,
+                                   parse_eemo, parse_emoverse, parse_options)
 
 
 def _image_bytes(width, height, colour=(200, 30, 60), fmt="JPEG"):
@@ -328,3 +330,36 @@ def test_records_are_immutable(root):
     record.emotion = "anger"
   with pytest.raises(ValueError):
     record.des[0] = 1.0
+
+
+# ------------------------------------------------------------------------------------------ pixel limit
+
+
+def test_images_over_the_pixel_limit_are_refused_from_their_header(root):
+  with pytest.raises(ImageTooLargeError) as caught:
+    parse_emoverse(_github_item(), root, default_id="x", max_image_pixels=1199)  # a.jpg is 40x30
+  error = caught.value
+  assert (error.record_id, error.field, error.size, error.limit) == ("ev-001", "image_path", 1200, 1199)
+  assert str(error) == (f"record 'ev-001', field 'image_path': {root / 'images' / 'a.jpg'} is 40x30 = 1,200 pixels, "
+                        "more than max_image_pixels=1,199. To fix: downscale the image (or remove the record), or "
+                        "raise max_image_pixels.")
+  assert parse_emoverse(_github_item(), root, default_id="x", max_image_pixels=1200).width == 40  # cached now
+  with pytest.raises(ImageTooLargeError):  # the cached size is checked against the new limit too
+    parse_emoverse(_github_item(), root, default_id="x", max_image_pixels=1000)
+  with pytest.raises(ImageTooLargeError, match="field 'image': the image bytes is 24x36"):
+    parse_eemo(_qa("Q", "A", image={"bytes": (root / "images" / "b.png").read_bytes()}), root, default_id="x",
+               max_image_pixels=100)
+  from huge_image_probe import huge_png
+  with pytest.raises(ImageTooLargeError, match="the image is larger than PIL opens"):  # over twice its bomb limit
+    image_size(huge_png(14000), "bomb", "image")
+
+
+def test_a_huge_image_is_refused_in_little_memory(tmp_path):
+  probe = os.path.join(os.path.dirname(__file__), "huge_image_probe.py")
+  run = subprocess.run([sys.executable, probe, "records", str(tmp_path)], capture_output=True, text=True,
+                       timeout=600, cwd=os.path.join(os.path.dirname(__file__), os.pardir, os.pardir))
+  assert run.returncode == 0, run.stderr[-3000:]
+  result = json.loads(run.stdout.splitlines()[-1])
+  assert result["outcome"].startswith("ImageTooLargeError: record 'huge', field 'image': the image is 12000x12000 = "
+                                      "144,000,000 pixels, more than max_image_pixels=89,478,485")
+  assert result["extra_mb"] < 64  # decoding it took 139 MB before the limit
