@@ -29,6 +29,7 @@ def run(args) -> int:
   initialize_from_environment()
   from data_pipeline.errors import DatasetError, RecordError
   from eemo_jax.hf.safetensors_io import CheckpointError as HFFolderError
+  from eemo_jax.hf.staging import ExportError
   from eemo_jax.train.checkpointing import CheckpointSaveError, RunCheckpointError
   from eemo_jax.train.run import NonFiniteLossError, train
   try:
@@ -39,7 +40,7 @@ def run(args) -> int:
   except CheckpointSaveError as error:
     print(f"eemo-jax train: {error}", file=sys.stderr)
     return 1
-  except (RunCheckpointError, ConfigError, DatasetError, RecordError, HFFolderError) as error:
+  except (RunCheckpointError, ConfigError, DatasetError, RecordError, HFFolderError, ExportError) as error:
     print(f"eemo-jax train: {error}", file=sys.stderr)
     return 2
   print(f"done: {summary.steps} steps in {summary.seconds:.0f} s; run directory {summary.run_dir}")

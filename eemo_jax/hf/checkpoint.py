@@ -16,7 +16,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from eemo_jax.hf.load import abstract_model
+from eemo_jax.hf.load import abstract_model, read_config_file
 from eemo_jax.hf.safetensors_io import CheckpointError
 from eemo_jax.model.config import Qwen25VLConfig
 from eemo_jax.parallel.sharding import DEFAULT_RULES, current_mesh, state_shardings
@@ -33,9 +33,7 @@ def save_checkpoint(model, ckpt_dir: str) -> str:
   """
   ckpt_dir = os.path.abspath(ckpt_dir)
   params_dir = os.path.join(ckpt_dir, PARAMS)
-  if os.path.exists(params_dir):
-    raise CheckpointError(f"{ckpt_dir} already holds a checkpoint ({PARAMS}/); choose a new folder or "
-                          "delete the old checkpoint first")
+  check_new_checkpoint_dir(ckpt_dir)
   os.makedirs(ckpt_dir, exist_ok=True)
   params = nnx.state(model, nnx.Param).to_pure_dict()
   with ocp.StandardCheckpointer() as checkpointer:
@@ -48,13 +46,22 @@ def save_checkpoint(model, ckpt_dir: str) -> str:
   return params_dir
 
 
+def check_new_checkpoint_dir(ckpt_dir: str) -> None:
+  """Refuses a folder that already holds a checkpoint, so an import cannot replace trained weights."""
+  ckpt_dir = os.path.abspath(ckpt_dir)
+  if os.path.exists(os.path.join(ckpt_dir, PARAMS)):
+    raise CheckpointError(f"{ckpt_dir} already holds a checkpoint ({PARAMS}/); choose a new folder or "
+                          "delete the old checkpoint first")
+  if os.path.lexists(ckpt_dir) and not os.path.isdir(ckpt_dir):
+    raise CheckpointError(f"{ckpt_dir} exists and is not a folder; choose a new folder for the checkpoint")
+
+
 def read_checkpoint_config(ckpt_dir: str) -> Qwen25VLConfig:
   path = os.path.join(ckpt_dir, CONFIG)
   if not os.path.isdir(os.path.join(ckpt_dir, PARAMS)) or not os.path.isfile(path):
     raise CheckpointError(f"{ckpt_dir} is not an EEmo-JAX checkpoint (it needs {PARAMS}/ and {CONFIG}); "
                           "create one with `eemo-jax import-hf HF_DIR CKPT_DIR`")
-  with open(path) as f:
-    return Qwen25VLConfig.from_hf(json.load(f))
+  return read_config_file(path)
 
 
 def stored_dtype(ckpt_dir: str) -> str:
@@ -62,8 +69,12 @@ def stored_dtype(ckpt_dir: str) -> str:
   ckpt_dir = os.path.abspath(ckpt_dir)
   read_checkpoint_config(ckpt_dir)
   with ocp.StandardCheckpointer() as checkpointer:
-    tree = checkpointer.metadata(os.path.join(ckpt_dir, PARAMS)).item_metadata.tree
-  return str(tree["language_model"]["embed_tokens"]["embedding"].dtype)
+    tree = _stored_tree(checkpointer, ckpt_dir)
+  try:
+    return str(tree["language_model"]["embed_tokens"]["embedding"].dtype)
+  except (KeyError, TypeError, AttributeError):
+    raise CheckpointError(f"{ckpt_dir}/{PARAMS} has no language_model.embed_tokens.embedding; it is not a "
+                          "Qwen2.5-VL checkpoint written by `eemo-jax import-hf`") from None
 
 
 def load_checkpoint(ckpt_dir: str, *, dtype="float32", param_dtype=None, mesh=None, rules=DEFAULT_RULES,
@@ -83,10 +94,35 @@ def load_checkpoint(ckpt_dir: str, *, dtype="float32", param_dtype=None, mesh=No
   target = _abstract_target(params, mesh if mesh is not None else current_mesh(), rules)
   params_dir = os.path.join(ckpt_dir, PARAMS)
   with ocp.StandardCheckpointer() as checkpointer:
-    _check_tree(checkpointer.metadata(params_dir).item_metadata.tree, target, ckpt_dir)
-    restored = checkpointer.restore(params_dir, target)
+    _check_tree(_stored_tree(checkpointer, ckpt_dir), target, ckpt_dir)
+    try:
+      restored = checkpointer.restore(params_dir, target)
+    except Exception as e:  # Orbax and tensorstore raise many types for missing or damaged array files
+      raise _damaged(ckpt_dir, e) from None
   nnx.replace_by_pure_dict(params, restored)
   return nnx.merge(graphdef, params)
+
+
+def _stored_tree(checkpointer, ckpt_dir: str) -> dict:
+  """The stored parameter tree (shapes and dtypes), or one line saying the checkpoint is damaged."""
+  try:
+    metadata = checkpointer.metadata(os.path.join(ckpt_dir, PARAMS))
+  except Exception as e:  # Orbax and tensorstore raise many types for a damaged checkpoint
+    raise _damaged(ckpt_dir, e) from None
+  tree = getattr(getattr(metadata, "item_metadata", None), "tree", None)
+  if not isinstance(tree, dict):
+    raise _damaged(ckpt_dir, None)
+  return tree
+
+
+def _damaged(ckpt_dir: str, error: Exception | None) -> CheckpointError:
+  if error is None:
+    cause = " (its metadata cannot be read)"
+  else:  # the first sentence: TensorStore appends pages of details
+    first = (str(error).strip().splitlines() or [""])[0].split(". See ")[0][:200]
+    cause = f" ({type(error).__name__}: {first})"
+  return CheckpointError(f"{ckpt_dir}/{PARAMS} is damaged or incomplete{cause}; import the model again with "
+                         "`eemo-jax import-hf` or restore the folder from a copy")
 
 
 def _abstract_target(params: nnx.State, mesh, rules) -> dict:

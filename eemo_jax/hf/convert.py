@@ -2,7 +2,9 @@
 
 Import reads an HF folder (safetensors only) into an Orbax checkpoint and keeps the tokenizer /
 processor files in `CKPT_DIR/hf_assets`, so a later export writes a complete HF folder again.
-A user error (bad path, mismatched checkpoint, unsupported config) prints one line and exits 2.
+A user error (bad path, mismatched checkpoint, malformed or unsupported config or index, a target
+that already holds files) prints one line naming the file or key and exits 2, having written
+nothing. `export-hf --overwrite` replaces an existing export whole, once the new one is complete.
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("out_dir", metavar="OUT_DIR", help="folder for the HF model (loads with from_pretrained)")
     parser.add_argument("--max-shard-size", default="5GB", type=parse_size,
                         help="largest safetensors shard, e.g. 5GB, 500MB, 2GiB (default 5GB)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing export in OUT_DIR (whole, once the new one is complete); "
+                             "without it a non-empty OUT_DIR is refused")
 
 
 def parse_size(text: str) -> int:
@@ -49,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "import-hf":
       import_hf(args.hf_dir, args.ckpt_dir, dtype=args.dtype or "float32")
     else:
-      export_hf(args.ckpt_dir, args.out_dir, dtype=args.dtype, max_shard_bytes=args.max_shard_size)
+      export_hf(args.ckpt_dir, args.out_dir, dtype=args.dtype, max_shard_bytes=args.max_shard_size,
+                overwrite=args.overwrite)
   except (CheckpointError, ValueError, OSError) as e:
     print(f"eemo-jax {args.command}: error: {_one_line(e)}", file=sys.stderr)
     return 2
@@ -57,39 +63,61 @@ def run(args: argparse.Namespace) -> int:
 
 
 def import_hf(hf_dir: str, ckpt_dir: str, *, dtype="float32") -> None:
-  """HF folder -> Orbax checkpoint, plus the tokenizer / processor files in `hf_assets/`."""
+  """HF folder -> Orbax checkpoint, plus the tokenizer / processor files in `hf_assets/`.
+
+  Everything is checked (target, config, index, headers, key set, shapes) before the first byte
+  is written; a failure after that removes the checkpoint folder if this import created it.
+  """
   import jax
 
-  from eemo_jax.hf.checkpoint import save_checkpoint
+  from eemo_jax.hf.checkpoint import check_new_checkpoint_dir, save_checkpoint
   from eemo_jax.hf.load import load_hf
   from eemo_jax.hf.save import copy_assets
+  check_new_checkpoint_dir(ckpt_dir)
   model = load_hf(hf_dir, dtype=dtype)
-  save_checkpoint(model, ckpt_dir)
-  if jax.process_index() == 0:
-    assets = os.path.join(ckpt_dir, ASSETS)
-    os.makedirs(assets, exist_ok=True)
-    copy_assets(hf_dir, assets)
-    generation = os.path.join(hf_dir, "generation_config.json")
-    if os.path.isfile(generation):  # sampling defaults; export copies it back
-      shutil.copyfile(generation, os.path.join(assets, "generation_config.json"))
+  created = not os.path.exists(ckpt_dir)
+  try:
+    save_checkpoint(model, ckpt_dir)
+    if jax.process_index() == 0:
+      assets = os.path.join(ckpt_dir, ASSETS)
+      os.makedirs(assets, exist_ok=True)
+      copy_assets(hf_dir, assets)
+      generation = os.path.join(hf_dir, "generation_config.json")
+      if os.path.isfile(generation):  # sampling defaults; export copies it back
+        shutil.copyfile(generation, os.path.join(assets, "generation_config.json"))
+  except BaseException:
+    if created and jax.process_index() == 0:
+      shutil.rmtree(ckpt_dir, ignore_errors=True)
+    raise
   print(f"imported {hf_dir} -> {ckpt_dir}")
 
 
-def export_hf(ckpt_dir: str, out_dir: str, *, dtype=None, max_shard_bytes: int = 5 * 10**9) -> None:
-  """Orbax checkpoint -> HF folder; tokenizer files come from the checkpoint's `hf_assets/`."""
-  from eemo_jax.hf.checkpoint import load_checkpoint
-  from eemo_jax.hf.save import save_hf
-  model = load_checkpoint(ckpt_dir, dtype=dtype) if dtype else _load_stored_dtype(ckpt_dir)
+def export_hf(ckpt_dir: str, out_dir: str, *, dtype=None, max_shard_bytes: int = 5 * 10**9,
+              overwrite: bool = False) -> None:
+  """Orbax checkpoint -> HF folder; tokenizer files come from the checkpoint's `hf_assets/`.
+
+  The checkpoint's config and the target are checked before anything is loaded or written, and
+  the export is written beside `out_dir` and put in place whole (`eemo_jax.hf.save.export_folder`).
+  """
+  from eemo_jax.hf.checkpoint import read_checkpoint_config
+  from eemo_jax.hf.save import export_folder, write_hf
+  from eemo_jax.hf.staging import ExportError, resolve_target
+  read_checkpoint_config(ckpt_dir)
+  target, ckpt = resolve_target(out_dir), os.path.realpath(ckpt_dir)
+  if os.path.commonpath([target, ckpt]) == target:
+    raise ExportError(f"{out_dir} holds the checkpoint {ckpt_dir} being exported; choose another OUT_DIR")
   assets = os.path.join(ckpt_dir, ASSETS)
-  names = save_hf(model, out_dir, source_dir=assets if os.path.isdir(assets) else None, dtype=dtype,
-                  max_shard_bytes=max_shard_bytes)
+  with export_folder(out_dir, overwrite=overwrite) as folder:
+    model = _load_for_export(ckpt_dir, dtype)
+    names = write_hf(model, folder, source_dir=assets if os.path.isdir(assets) else None, dtype=dtype,
+                     max_shard_bytes=max_shard_bytes)
   print(f"exported {ckpt_dir} -> {out_dir} ({len(names)} safetensors file{'s' * (len(names) != 1)})")
 
 
-def _load_stored_dtype(ckpt_dir: str):
-  """Restores in the dtype the checkpoint was saved in, so an export does not change precision."""
+def _load_for_export(ckpt_dir: str, dtype=None):
+  """In `dtype`, or in the dtype the checkpoint was saved in, so an export does not change precision."""
   from eemo_jax.hf.checkpoint import load_checkpoint, stored_dtype
-  return load_checkpoint(ckpt_dir, dtype=stored_dtype(ckpt_dir))
+  return load_checkpoint(ckpt_dir, dtype=dtype or stored_dtype(ckpt_dir))
 
 
 def _one_line(e: BaseException) -> str:

@@ -26,8 +26,20 @@ def read_config(folder: str) -> Qwen25VLConfig:
   path = os.path.join(folder, "config.json")
   if not os.path.exists(path):
     raise CheckpointError(f"{folder} has no config.json; pass an HF model folder (config.json + *.safetensors)")
-  with open(path) as f:
-    return Qwen25VLConfig.from_hf(json.load(f))
+  return read_config_file(path)
+
+
+def read_config_file(path: str) -> Qwen25VLConfig:
+  """An HF-style config file -> `Qwen25VLConfig`; any problem is one `CheckpointError` naming the file."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      data = json.load(f)
+  except ValueError as e:  # JSONDecodeError, or UnicodeDecodeError for a binary file
+    raise CheckpointError(f"{path} is not valid JSON ({e}); fix or replace the file") from None
+  try:
+    return Qwen25VLConfig.from_hf(data)
+  except ValueError as e:
+    raise CheckpointError(f"{path}: {e}") from None
 
 
 def abstract_model(config: Qwen25VLConfig, *, dtype="float32", param_dtype=None, **model_kwargs) -> Qwen25VL:

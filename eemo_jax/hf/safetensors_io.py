@@ -3,44 +3,161 @@
 We read the format ourselves (an 8-byte header length, a JSON header, raw little-endian data)
 because the numpy backend of `safetensors` has no bfloat16 and the JAX backend would place whole
 tensors on the default device. A memory map lets each device's callback read only its shard.
+
+A file is accepted exactly when the `safetensors` library accepts it (tests/hf/test_safetensors_io.py
+holds the two side by side): a header of at most 100,000,000 bytes that is a UTF-8 JSON object, and
+tensors whose byte ranges are non-negative, match their dtype and shape, and tile the data section
+from its first byte to the end of the file with no gap, overlap or trailing byte. Anything else is
+a damaged or hostile file and is refused with the file and tensor named, before any byte is read as
+a weight.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import json
+import math
 import os
+import shutil
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from typing import NamedTuple
 
 import ml_dtypes
 import numpy as np
 
 _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2, "F8_E8M0": ml_dtypes.float8_e8m0fnu,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
+    "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_, "C64": np.complex64,
 }
 _NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's limit
+_USIZE = 2**64  # shapes and offsets are u64 in the format; the library rejects a product that overflows it
+INDEX = "model.safetensors.index.json"
 
 
 class CheckpointError(ValueError):
   """A checkpoint that cannot be loaded as asked; the message names the file or key."""
 
 
-def _read_header(path: str) -> tuple[dict, int]:
+@dataclasses.dataclass(frozen=True)
+class TensorEntry:
+  path: str
+  dtype: np.dtype
+  shape: tuple[int, ...]
+  offset: int  # of the first byte, from the start of the file
+
+
+class TensorSpec(NamedTuple):
+  """What `write_sharded` will receive for one tensor, known before any tensor is gathered."""
+  key: str
+  dtype: np.dtype
+  shape: tuple[int, ...]
+
+  @property
+  def nbytes(self) -> int:
+    return math.prod(self.shape) * np.dtype(self.dtype).itemsize
+
+
+# ------------------------------------------------------------------------------------------ reading
+def read_entries(path: str) -> dict[str, TensorEntry]:
+  """Every tensor of one safetensors file, validated as the `safetensors` library validates it."""
+  size = os.path.getsize(path)
+  header, data_start = _read_header(path, size)
+  _check_metadata(path, header.pop("__metadata__", None))
+  spans = {key: _span(path, key, info) for key, info in header.items()}
+  end = 0
+  for key, (dtype_name, shape, start, stop) in sorted(spans.items(), key=lambda kv: kv[1][2:]):
+    if start != end or stop < start:
+      raise CheckpointError(f"{path} is corrupt: tensor {key} has data_offsets [{start}, {stop}], but the tensors' "
+                            f"data must follow each other from byte 0 of the data section (expected it to start "
+                            f"at {end}); copy or download the file again")
+    nbytes = _nbytes(path, key, dtype_name, shape)
+    if stop - start != nbytes:
+      raise CheckpointError(f"{path} is corrupt: tensor {key} ({dtype_name}, shape {list(shape)}) needs {nbytes} "
+                            f"bytes, but its data_offsets [{start}, {stop}] span {stop - start}")
+    end = stop
+  if data_start + end != size:
+    problem = (f"its tensors need {data_start + end} bytes but it has {size}" if data_start + end > size else
+               f"it has {size - data_start - end} bytes after its last tensor")
+    raise CheckpointError(f"{path} is truncated or corrupt: {problem}; copy or download it again")
+  return {key: TensorEntry(path, np.dtype(_DTYPES[d]), shape, data_start + start)
+          for key, (d, shape, start, _) in spans.items()}
+
+
+def _read_header(path: str, size: int) -> tuple[dict, int]:
+  if size < 8:
+    raise CheckpointError(f"{path} is not a safetensors file (too short: {size} bytes)")
   with open(path, "rb") as f:
-    raw = f.read(8)
-    if len(raw) != 8:
-      raise CheckpointError(f"{path} is not a safetensors file (too short)")
-    (n,) = struct.unpack("<Q", raw)
-    if n > 100 * 2**20:
-      raise CheckpointError(f"{path} is not a safetensors file (header length {n})")
-    try:
-      header = json.loads(f.read(n))
-    except ValueError as e:  # JSONDecodeError, or UnicodeDecodeError for binary garbage
-      raise CheckpointError(f"{path} has a corrupt safetensors header: {e}") from None
+    (n,) = struct.unpack("<Q", f.read(8))
+    if n > MAX_HEADER_BYTES:
+      raise CheckpointError(f"{path} is not a safetensors file (header length {n} is over the format's limit "
+                            f"of {MAX_HEADER_BYTES})")
+    if 8 + n > size:
+      raise CheckpointError(f"{path} is truncated or corrupt: its header length {n} runs past the end of the file "
+                            f"({size} bytes); copy or download it again")
+    raw = f.read(n)
+  try:
+    # Decoded as UTF-8 first: json.loads(bytes) would also guess UTF-16/32. Non-standard constants
+    # (NaN, Infinity) are refused as the library's JSON parser refuses them.
+    header = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+  except ValueError as e:  # JSONDecodeError, or UnicodeDecodeError for binary garbage
+    raise CheckpointError(f"{path} has a corrupt safetensors header: {e}") from None
   if not isinstance(header, dict):
-    raise CheckpointError(f"{path} has a corrupt safetensors header: expected a JSON object")
+    raise CheckpointError(f"{path} has a corrupt safetensors header: expected a JSON object, got "
+                          f"{type(header).__name__}")
   return header, 8 + n
+
+
+def _no_constant(name: str):
+  raise ValueError(f"{name} is not valid JSON")
+
+
+def _check_metadata(path: str, metadata) -> None:
+  if metadata is None:
+    return
+  if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+    raise CheckpointError(f"{path} has a corrupt safetensors header: __metadata__ must map strings to strings, "
+                          f"got {metadata!r:.200}")
+
+
+def _span(path: str, key: str, info) -> tuple[str, tuple[int, ...], int, int]:
+  """(dtype name, shape, start, stop) of one header entry, each of the type the format prescribes."""
+  if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+    raise CheckpointError(f"{path} has a corrupt safetensors header: the entry of tensor {key} must be an object "
+                          f"with dtype, shape and data_offsets, got {info!r:.200}")
+  dtype_name, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+  if not isinstance(dtype_name, str):
+    raise CheckpointError(f"{path} has a corrupt safetensors header: tensor {key} has dtype {dtype_name!r}")
+  if not isinstance(shape, list) or not all(_is_u64(d) for d in shape):
+    raise CheckpointError(f"{path} has a corrupt safetensors header: tensor {key} has shape {shape!r:.200}; "
+                          "expected a list of non-negative integers")
+  if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_u64(o) for o in offsets):
+    raise CheckpointError(f"{path} has a corrupt safetensors header: tensor {key} has data_offsets "
+                          f"{offsets!r:.200}; expected [start, end], two non-negative integers")
+  if dtype_name not in _DTYPES:
+    raise CheckpointError(f"{path}: tensor {key} has dtype {dtype_name}, which EEmo-JAX does not read "
+                          f"(it reads {', '.join(_DTYPES)})")
+  return dtype_name, tuple(shape), offsets[0], offsets[1]
+
+
+def _is_u64(x) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < _USIZE
+
+
+def _nbytes(path: str, key: str, dtype_name: str, shape: tuple[int, ...]) -> int:
+  count = 1
+  for d in shape:  # in order, as the library does: an overflow is refused even if a later dimension is 0
+    count *= d
+    if count >= _USIZE:
+      raise CheckpointError(f"{path} is corrupt: tensor {key} has shape {list(shape)}, too large to exist")
+  nbytes = count * np.dtype(_DTYPES[dtype_name]).itemsize
+  if nbytes >= _USIZE:
+    raise CheckpointError(f"{path} is corrupt: tensor {key} has shape {list(shape)}, too large to exist")
+  return nbytes
 
 
 class SafetensorsFolder:
@@ -48,47 +165,31 @@ class SafetensorsFolder:
 
   def __init__(self, folder: str):
     self.folder = folder
-    files = _weight_files(folder)
-    self._entries: dict[str, tuple[str, np.dtype, tuple[int, ...], int]] = {}
-    self._maps: dict[str, np.memmap] = {}
-    for path in files:
-      header, offset = _read_header(path)
-      file_size = os.path.getsize(path)
-      for key, info in header.items():
-        if key == "__metadata__":
-          continue
-        self._entries[key] = _entry(path, key, info, offset, file_size)
+    self._entries: dict[str, TensorEntry] = {}
+    for path in _weight_files(folder):
+      for key, entry in read_entries(path).items():
+        if key in self._entries:
+          first = os.path.basename(self._entries[key].path)
+          raise CheckpointError(f"{folder}: tensor {key} is stored twice, in {first} and {os.path.basename(path)}; "
+                                "the folder mixes two checkpoints")
+        self._entries[key] = entry
 
   def keys(self) -> list[str]:
     return list(self._entries)
 
   def shape(self, key: str) -> tuple[int, ...]:
-    return self._entries[key][2]
+    return self._entries[key].shape
 
   def dtype(self, key: str) -> np.dtype:
-    return self._entries[key][1]
+    return self._entries[key].dtype
 
   def get(self, key: str) -> np.ndarray:
     """The tensor as a read-only memory-mapped array (no copy until sliced and used)."""
-    path, dtype, shape, offset = self._entries[key]
-    count = int(np.prod(shape)) if shape else 1
-    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(count,)).reshape(shape)
-
-
-def _entry(path: str, key: str, info, offset: int, file_size: int) -> tuple[str, np.dtype, tuple[int, ...], int]:
-  """One header entry, checked against the file so a truncated download fails here, naming the file."""
-  try:
-    dtype_name, shape, (start, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
-  except (KeyError, TypeError, ValueError):
-    raise CheckpointError(f"{path} has a corrupt safetensors header (entry for {key}: {info!r})") from None
-  if dtype_name not in _DTYPES:
-    raise CheckpointError(f"{path}: tensor {key} has unsupported dtype {dtype_name}")
-  dtype = np.dtype(_DTYPES[dtype_name])
-  nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-  if end - start != nbytes or offset + end > file_size:
-    raise CheckpointError(f"{path} is truncated or corrupt: tensor {key} needs bytes {offset + start}-{offset + end} "
-                          f"({nbytes} bytes) but the file has {file_size}; copy or download it again")
-  return path, dtype, shape, offset + start
+    entry = self._entries[key]
+    count = math.prod(entry.shape)
+    if count == 0:  # a memory map cannot be empty
+      return np.zeros(entry.shape, entry.dtype)
+    return np.memmap(entry.path, dtype=entry.dtype, mode="r", offset=entry.offset, shape=(count,)).reshape(entry.shape)
 
 
 def _weight_files(folder: str) -> list[str]:
@@ -96,13 +197,12 @@ def _weight_files(folder: str) -> list[str]:
     raise CheckpointError(f"{folder} is not a directory; pass the folder that holds config.json and *.safetensors")
   names = os.listdir(folder)
   pickles = [n for n in names if n.endswith((".bin", ".pt", ".pth", ".ckpt"))]
-  index = os.path.join(folder, "model.safetensors.index.json")
+  index = os.path.join(folder, INDEX)
   if os.path.exists(index):
-    with open(index) as f:
-      shards = sorted(set(json.load(f)["weight_map"].values()))
+    shards = _index_shards(folder, index)
     missing = [s for s in shards if not os.path.exists(os.path.join(folder, s))]
     if missing:
-      raise CheckpointError(f"{folder}: shards {missing} listed in model.safetensors.index.json are missing")
+      raise CheckpointError(f"{folder}: shards {missing} listed in {INDEX} are missing")
     return [os.path.join(folder, s) for s in shards]
   # Without an index transformers reads model.safetensors only; other safetensors files beside it
   # (e.g. emotion_head.safetensors, adapters) are not the backbone's.
@@ -116,51 +216,100 @@ def _weight_files(folder: str) -> list[str]:
   return [os.path.join(folder, n) for n in files]
 
 
-def write_sharded(folder: str, tensors: Iterable[tuple[str, np.ndarray]], *, max_shard_bytes: int = 5 * 2**30,
-                  metadata: Mapping[str, str] | None = None) -> list[str]:
-  """Writes tensors as `model.safetensors` or `model-0000k-of-0000n.safetensors` + index, as HF does.
+def _index_shards(folder: str, index: str) -> list[str]:
+  """The shard files an index names, each a path inside `folder`.
 
-  Tensors are consumed one at a time and written straight to disk, so peak host memory is one
-  shard's worth of bookkeeping plus one tensor.
+  Only the path *string* is checked: a shard that is a symlink (the HF cache links every file of a
+  snapshot into its blob store) is read wherever it points, as transformers reads it.
   """
-  os.makedirs(folder, exist_ok=True)
-  shards: list[list[tuple[str, str, np.dtype, tuple[int, ...], int]]] = [[]]
+  try:
+    with open(index, encoding="utf-8") as f:
+      data = json.load(f)
+  except ValueError as e:
+    raise CheckpointError(f"{index} is not valid JSON ({e}); copy or download it again") from None
+  weight_map = data.get("weight_map") if isinstance(data, dict) else None
+  if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+    raise CheckpointError(f"{index} is not a safetensors index: expected a JSON object whose \"weight_map\" maps "
+                          "each tensor name to the shard file that holds it")
+  shards = sorted(set(weight_map.values()))
+  for shard in shards:
+    parts = shard.replace("\\", "/").split("/")
+    if not shard or os.path.isabs(shard) or ".." in parts or "" in parts:
+      raise CheckpointError(f"{index} names the shard {shard!r}, which is not a file inside {folder}; an index may "
+                            "only name files of its own folder (no absolute paths, no '..')")
+  return shards
+
+
+# ------------------------------------------------------------------------------------------ writing
+def _shard_layout(specs: Sequence[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
+  """Tensors in order, split into shards of at most `max_shard_bytes` (a larger tensor gets its own)."""
+  shards: list[list[TensorSpec]] = [[]]
   size = 0
-  tmp_dir = os.path.join(folder, ".tmp-tensors")
-  os.makedirs(tmp_dir, exist_ok=True)
-  for n, (key, arr) in enumerate(tensors):
-    arr = np.ascontiguousarray(arr)
-    if arr.dtype not in _NAMES:
-      raise CheckpointError(f"cannot write {key}: dtype {arr.dtype} has no safetensors name")
-    if size and size + arr.nbytes > max_shard_bytes:
+  for spec in specs:
+    if size and size + spec.nbytes > max_shard_bytes:
       shards.append([])
       size = 0
-    tmp = os.path.join(tmp_dir, f"{n}.raw")
-    arr.tofile(tmp)
-    shards[-1].append((key, tmp, arr.dtype, arr.shape, arr.nbytes))
-    size += arr.nbytes
+    shards[-1].append(spec)
+    size += spec.nbytes
+  return shards
+
+
+def write_sharded(folder: str, specs: Sequence[TensorSpec], tensors: Iterable[tuple[str, np.ndarray]], *,
+                  max_shard_bytes: int = 5 * 2**30, metadata: Mapping[str, str] | None = None) -> list[str]:
+  """Writes tensors as `model.safetensors` or `model-0000k-of-0000n.safetensors` + index, as HF does.
+
+  `specs` announces every tensor (key, dtype, shape) so each shard's header is written before its
+  data: `tensors` ((key, array) pairs, in the same order) are then streamed straight into place, so peak
+  host memory is one tensor and every byte is written once. `folder` must exist; it is meant to be
+  the temporary folder of `eemo_jax.hf.staging.staged_folder`, so a failure leaves no partial export.
+  """
+  for spec in specs:
+    if np.dtype(spec.dtype) not in _NAMES:
+      raise CheckpointError(f"cannot write {spec.key}: dtype {np.dtype(spec.dtype)} has no safetensors name")
+  shards = _shard_layout(specs, max_shard_bytes)
   total = len(shards)
-  names = ["model.safetensors"] if total == 1 else [f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)]
-  weight_map, total_size = {}, 0
-  for name, shard in zip(names, shards):
-    header, offset = {"__metadata__": dict(metadata or {"format": "pt"})}, 0
-    for key, _, dtype, shape, nbytes in shard:
-      header[key] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-      offset += nbytes
-      weight_map[key] = name
-      total_size += nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # HF pads the header to 8-byte alignment
-    with open(os.path.join(folder, name), "wb") as f:
-      f.write(struct.pack("<Q", len(blob)))
-      f.write(blob)
-      for _, tmp, *_ in shard:
-        with open(tmp, "rb") as src:
-          while chunk := src.read(64 * 2**20):
-            f.write(chunk)
-        os.remove(tmp)
-  os.rmdir(tmp_dir)
-  if total > 1:
-    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
-      json.dump({"metadata": {"total_size": total_size}, "weight_map": weight_map}, f, indent=2)
+  names = (["model.safetensors"] if total == 1 else
+           [f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)])
+  headers = [_header(shard, metadata) for shard in shards]
+  needed = sum(8 + len(h) + sum(s.nbytes for s in shard) for h, shard in zip(headers, shards))
+  arrays = iter(tensors)
+  path = folder
+  try:
+    for name, header, shard in zip(names, headers, shards):
+      path = os.path.join(folder, name)
+      with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header)))
+        f.write(header)
+        for spec in shard:
+          f.write(_bytes_of(spec, *next(arrays)))
+    if total > 1:
+      path = os.path.join(folder, INDEX)
+      weight_map = {spec.key: name for name, shard in zip(names, shards) for spec in shard}
+      with open(path, "w") as f:
+        json.dump({"metadata": {"total_size": sum(s.nbytes for s in specs)}, "weight_map": weight_map}, f, indent=2)
+  except OSError as e:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+      free = shutil.disk_usage(folder).free
+      raise CheckpointError(f"no space left on the device writing {path}: the weights need {needed} bytes and "
+                            f"{free} are free there; free some space or write elsewhere") from None
+    raise
   return names
+
+
+def _header(shard: Sequence[TensorSpec], metadata: Mapping[str, str] | None) -> bytes:
+  header, offset = {"__metadata__": dict(metadata or {"format": "pt"})}, 0
+  for spec in shard:
+    header[spec.key] = {"dtype": _NAMES[np.dtype(spec.dtype)], "shape": list(spec.shape),
+                        "data_offsets": [offset, offset + spec.nbytes]}
+    offset += spec.nbytes
+  blob = json.dumps(header, separators=(",", ":")).encode()
+  return blob + b" " * (-len(blob) % 8)  # HF pads the header to 8-byte alignment
+
+
+def _bytes_of(spec: TensorSpec, key: str, arr: np.ndarray) -> np.ndarray:
+  """The array's bytes, in C order; it must be what its spec announced (the header is already written)."""
+  arr = np.ascontiguousarray(arr)
+  if key != spec.key or arr.dtype != np.dtype(spec.dtype) or tuple(arr.shape) != tuple(spec.shape):
+    raise AssertionError(f"{key} arrived as {arr.dtype}{list(arr.shape)}, but {spec.key} was announced as "
+                         f"{np.dtype(spec.dtype)}{list(spec.shape)}")
+  return arr.reshape(-1).view(np.uint8)

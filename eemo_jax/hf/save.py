@@ -5,14 +5,17 @@ inverse transform, and writes what `save_pretrained` writes: the on-disk (4.x) k
 `model.safetensors` or shards with an index, `config.json`, `generation_config.json`, and the
 tokenizer / processor files of the source folder. Parameters are gathered to the host one
 (per-layer) tensor at a time and streamed to disk, so a sharded 7B model is never whole on a host.
+
+The folder is written beside its target and put in place whole (`export_folder`, built on
+`eemo_jax.hf.staging`), so an export never clobbers another half-way, whatever stops it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
-import re
 import shutil
 from collections.abc import Iterator
 
@@ -22,7 +25,8 @@ import numpy as np
 from flax import nnx
 
 from eemo_jax.hf.keys import KeyRule, key_table, num_layers
-from eemo_jax.hf.safetensors_io import write_sharded
+from eemo_jax.hf.safetensors_io import TensorSpec, write_sharded
+from eemo_jax.hf.staging import ExportError, check_target, staged_folder
 from eemo_jax.model.config import Qwen25VLConfig
 
 # Files of an HF model folder that belong to the tokenizer and the processor, not to the weights.
@@ -32,45 +36,100 @@ ASSET_FILES = (
     "video_preprocessor_config.json",
 )
 TRANSFORMERS_VERSION = "5.23.0"
-# Weight files a previous export may have left; removed first so a stale index cannot point
-# transformers at old shards (save_pretrained does the same).
-_WEIGHT_FILE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?$")
 
 
 def save_hf(model, out_dir: str, *, source_dir: str | None = None, dtype=None,
-            max_shard_bytes: int = 5 * 2**30) -> list[str]:
+            max_shard_bytes: int = 5 * 2**30, overwrite: bool = False) -> list[str]:
   """Writes `model` as an HF Qwen2.5-VL folder; returns the safetensors file names written.
 
   `dtype` (e.g. "bfloat16") casts every tensor on the device before it is gathered; None keeps
   the parameters' dtype. `source_dir` (an HF folder or the `hf_assets` of a checkpoint) provides
-  the tokenizer / processor files and `generation_config.json`. Every process must call this;
-  only process 0 writes.
+  the tokenizer / processor files and `generation_config.json`. The folder is written beside
+  `out_dir` and put in place whole (`export_folder`): an `out_dir` that holds files is refused
+  unless `overwrite`, and then replaced only once the new export is complete. Every process must
+  call this; only process 0 writes.
   """
-  config: Qwen25VLConfig = model.config
-  params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-  adapters = sorted("/".join(map(str, path)) for path in params if "lora" in path)
+  check_exportable(model)
+  with export_folder(out_dir, overwrite=overwrite) as folder:
+    return write_hf(model, folder, source_dir=source_dir, dtype=dtype, max_shard_bytes=max_shard_bytes)
+
+
+@contextlib.contextmanager
+def export_folder(out_dir: str, *, overwrite: bool = False) -> Iterator[str]:
+  """Yields the folder to write a whole export into; it replaces `out_dir` when the block ends.
+
+  Write everything that belongs to the export (`write_hf`, `heads_io.save_head`, ...) into the
+  yielded folder; see `eemo_jax.hf.staging` for the guarantees. Every process must enter it
+  (the target check and the end are agreed across processes); only process 0 writes.
+  """
+  writer = jax.process_index() == 0
+  if jax.process_count() > 1:
+    _agree_on_target(out_dir, overwrite, writer)
+  with staged_folder(out_dir, overwrite=overwrite, writer=writer) as folder:
+    yield folder
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("eemo_jax.export_folder")
+
+
+def _agree_on_target(out_dir: str, overwrite: bool, writer: bool) -> None:
+  """Process 0 checks the target and tells the others, so no process starts gathering alone."""
+  from jax.experimental import multihost_utils
+  error = None
+  if writer:
+    try:
+      check_target(out_dir, overwrite=overwrite)
+    except ExportError as e:
+      error = e
+  refused = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
+  if error is not None:
+    raise error
+  if int(refused):
+    raise ExportError(f"process 0 refused to export to {out_dir}; see its error message")
+
+
+def check_exportable(model) -> None:
+  """Raises before anything is written if `model` holds what an HF folder cannot."""
+  params = nnx.state(model, nnx.Param)
+  adapters = sorted("/".join(map(str, path)) for path, _ in nnx.to_flat_state(params) if "lora" in path)
   if adapters:
     raise ValueError(f"the model still has {len(adapters)} LoRA adapter tensors (e.g. {adapters[0]}), which an HF "
                      "Qwen2.5-VL folder cannot hold; fold them in first with eemo_jax.model.lora.merge_lora(model)")
+
+
+def write_hf(model, folder: str, *, source_dir: str | None = None, dtype=None,
+             max_shard_bytes: int = 5 * 2**30) -> list[str]:
+  """Writes the HF files of `model` into `folder`, the (empty) folder yielded by `export_folder`.
+
+  Arguments as in `save_hf`. Every process must call this (the gathers are collective); only
+  process 0 writes.
+  """
+  check_exportable(model)
+  config: Qwen25VLConfig = model.config
+  params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
   embedding = _value(params[("language_model", "embed_tokens", "embedding")])
   out_dtype = jnp.dtype(dtype) if dtype is not None else embedding.dtype
   tensors = hf_tensors(config, params, out_dtype)
-  writer = jax.process_index() == 0
-  names: list[str] = []
-  if writer:
-    os.makedirs(out_dir, exist_ok=True)
-    _remove_stale_weights(out_dir)
-    names = write_sharded(out_dir, tensors, max_shard_bytes=max_shard_bytes, metadata={"format": "pt"})
-    _write_json(os.path.join(out_dir, "config.json"), hf_config_dict(config, out_dtype))
-    _write_generation_config(config, out_dir, source_dir)
-    copy_assets(source_dir, out_dir)
-  else:
+  if jax.process_index() != 0:
     for _ in tensors:  # the gathers are collective: every process walks the same tensors
       pass
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices("eemo_jax.save_hf")
+    return []
+  names = write_sharded(folder, hf_layout(config, params, out_dtype), tensors, max_shard_bytes=max_shard_bytes,
+                        metadata={"format": "pt"})
+  _write_json(os.path.join(folder, "config.json"), hf_config_dict(config, out_dtype))
+  _write_generation_config(config, folder, source_dir)
+  copy_assets(source_dir, folder)
   return names
+
+
+def hf_layout(config: Qwen25VLConfig, params: dict, dtype) -> list[TensorSpec]:
+  """(HF key, dtype, HF shape) of every tensor `hf_tensors` yields, in the same order, without gathering."""
+  specs = []
+  for rule, layer in _ordered_keys(config):
+    shape = tuple(_value(params[rule.path]).shape)
+    shape = shape[1:] if layer is not None else shape
+    specs.append(TensorSpec(rule.hf_key(layer), np.dtype(dtype), tuple(rule.transform.hf_shape(shape, config))))
+  return specs
 
 
 def hf_tensors(config: Qwen25VLConfig, params: dict, dtype) -> Iterator[tuple[str, np.ndarray]]:
@@ -130,12 +189,6 @@ def _to_host(x: jax.Array) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def _remove_stale_weights(out_dir: str) -> None:
-  for name in os.listdir(out_dir):
-    if _WEIGHT_FILE.match(name):
-      os.remove(os.path.join(out_dir, name))  # unlink: a memory map still reading it stays valid
-
-
 def hf_config_dict(config: Qwen25VLConfig, dtype) -> dict:
   """`config.json` as transformers 5.23 writes it, with the dtype of the exported tensors."""
   return {**config.to_hf(), "dtype": jnp.dtype(dtype).name}
@@ -175,9 +228,7 @@ def copy_assets(source_dir: str | None, out_dir: str) -> list[str]:
 
 
 def _copy(src: str, dst: str) -> None:
-  if os.path.exists(dst) and os.path.samefile(src, dst):
-    return
-  shutil.copyfile(src, dst)
+  shutil.copyfile(src, dst)  # into a fresh folder: never onto the source, never through a symlink
 
 
 def _write_json(path: str, data: dict) -> None:

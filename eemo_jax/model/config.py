@@ -208,9 +208,12 @@ _ROOT_FIELDS = {"image_token_id", "video_token_id", "vision_start_token_id", "vi
                 "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id"}
 
 
-def _rope(d: Mapping[str, Any], default_theta: float) -> tuple[float, tuple[int, ...] | None]:
+def _rope(d: Mapping[str, Any], default_theta: float, where: str) -> tuple[float, tuple[int, ...] | None]:
   """Reads theta and mrope_section from either the 5.x `rope_parameters` or 4.x `rope_scaling`."""
-  params = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+  name = "rope_parameters" if d.get("rope_parameters") else "rope_scaling"
+  params = d.get(name) or {}
+  if not isinstance(params, Mapping):
+    raise ValueError(f"{where}{name} is {_show(params)}; expected a JSON object")
   rope_type = params.get("rope_type", params.get("type", "default"))
   if rope_type not in ("default", "mrope", "axial"):
     raise ValueError(f"Unsupported rope type {rope_type!r} in config; only default/mrope are implemented")
@@ -218,9 +221,11 @@ def _rope(d: Mapping[str, Any], default_theta: float) -> tuple[float, tuple[int,
   if unknown:
     raise ValueError(f"Unsupported rope parameters {sorted(unknown)} in config (e.g. scaling); "
                      "remove them or extend eemo_jax.model.config")
+  _check_values(params, {"rope_theta": "positive", "mrope_section": "section"}, f"{where}{name}.")
+  _check_values(d, {"rope_theta": "positive"}, where)
   theta = float(params.get("rope_theta", d.get("rope_theta", default_theta)))
   section = params.get("mrope_section")
-  return theta, (tuple(int(s) for s in section) if section is not None else None)
+  return theta, (tuple(section) if section is not None else None)
 
 
 def _check_known(d: Mapping[str, Any], known: set[str], where: str) -> None:
@@ -231,14 +236,86 @@ def _check_known(d: Mapping[str, Any], known: set[str], where: str) -> None:
                      "eemo_jax/model/config.py:_IGNORED_COMMON.")
 
 
+# What each field of an HF config must hold; a value of another type or range is refused naming the
+# field, rather than failing later in some arithmetic. Fields whose transformers default differs
+# from the released checkpoints (spec §1.2-1.3) are required: EEmo-JAX never guesses a size.
+def _is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+_KINDS = {
+    "count": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+    "index": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+    "positive": (lambda v: (_is_int(v) or isinstance(v, float)) and 0 < v < float("inf"), "a positive number"),
+    "bool": (lambda v: v is None or isinstance(v, bool), "true or false"),
+    "token": (lambda v: v is None or (_is_int(v) and v >= 0), "a token id or null"),
+    "tokens": (lambda v: v is None or (_is_int(v) and v >= 0) or (
+        isinstance(v, list) and all(_is_int(x) and x >= 0 for x in v)),
+        "a token id, a list of token ids, or null"),
+    "indexes": (lambda v: isinstance(v, list) and all(_is_int(x) and x >= 0 for x in v),
+                "a list of non-negative integers"),
+    "section": (lambda v: isinstance(v, list) and len(v) == 3 and all(_is_int(x) and x >= 0 for x in v),
+                "a list of 3 non-negative integers (temporal, height, width)"),
+}
+_VISION_KINDS = {
+    **{k: "count" for k in ("depth", "hidden_size", "intermediate_size", "num_heads", "in_channels", "patch_size",
+                            "temporal_patch_size", "spatial_merge_size", "window_size", "out_hidden_size",
+                            "tokens_per_second")},
+    "fullatt_block_indexes": "indexes",
+}
+_TEXT_KINDS = {
+    **{k: "count" for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                            "num_attention_heads", "num_key_value_heads", "max_position_embeddings")},
+    "rms_norm_eps": "positive", "bos_token_id": "token", "eos_token_id": "tokens", "pad_token_id": "token",
+    "tie_word_embeddings": "bool",
+}
+_ROOT_KINDS = {
+    **{k: "index" for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")},
+    "bos_token_id": "token", "eos_token_id": "tokens", "pad_token_id": "token", "tie_word_embeddings": "bool",
+}
+_REQUIRED_VISION = ("depth", "hidden_size", "intermediate_size", "num_heads", "out_hidden_size", "tokens_per_second")
+_REQUIRED_TEXT = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "rms_norm_eps")
+
+
+def _check_values(d: Mapping[str, Any], kinds: Mapping[str, str], where: str, required=()) -> None:
+  for key in required:
+    if key not in d:
+      raise ValueError(f"{where}{key} is missing; expected {_KINDS[kinds[key]][1]} (EEmo-JAX builds the model from "
+                       "config.json alone and does not guess sizes)")
+  for key, kind in kinds.items():
+    ok, expected = _KINDS[kind]
+    if key in d and not ok(d[key]):
+      raise ValueError(f"{where}{key} is {_show(d[key])}; expected {expected}")
+
+
+def _show(value) -> str:
+  text = json.dumps(value)
+  text = text if len(text) <= 60 else text[:57] + "..."
+  kind = {str: "a string", bool: "a boolean", list: "a list", dict: "an object", type(None): "null",
+          float: "a number"}.get(type(value))
+  return f"{text} ({kind})" if kind else text
+
+
+def _sub_config(hf: Mapping[str, Any], key: str) -> dict:
+  sub = hf.get(key)
+  if sub is not None and not isinstance(sub, Mapping):
+    raise ValueError(f"{key} is {_show(sub)}; expected a JSON object")
+  return dict(sub or {})
+
+
 def _from_hf(hf: Mapping[str, Any]) -> Qwen25VLConfig:
+  if not isinstance(hf, Mapping):
+    raise ValueError(f"expected a JSON object at the top level (an HF config.json), got {_show(hf)}")
   hf = dict(hf)
   if hf.get("model_type", "qwen2_5_vl") != "qwen2_5_vl":
     raise ValueError(f"model_type is {hf.get('model_type')!r}; EEmo-JAX loads Qwen2.5-VL ('qwen2_5_vl') only")
-  vision_d = dict(hf.get("vision_config") or {})
+  vision_d = _sub_config(hf, "vision_config")
   # 5.x nests the text fields; 4.x Hub configs keep them flat at the root (spec §1.1).
-  text_d = dict(hf.get("text_config") or {k: v for k, v in hf.items() if k in _TEXT_FIELDS | {
-      "rope_parameters", "rope_scaling", "rope_theta", "hidden_act", "use_sliding_window"}})
+  text_d = _sub_config(hf, "text_config")
+  text_where = "text_config." if text_d else ""
+  text_d = text_d or {k: v for k, v in hf.items() if k in _TEXT_FIELDS | {
+      "rope_parameters", "rope_scaling", "rope_theta", "hidden_act", "use_sliding_window"}}
   if vision_d.get("hidden_act", "silu") != "silu" or text_d.get("hidden_act", "silu") != "silu":
     raise ValueError("Only hidden_act='silu' is implemented for Qwen2.5-VL")
   if text_d.get("use_sliding_window"):
@@ -252,11 +329,14 @@ def _from_hf(hf: Mapping[str, Any]) -> Qwen25VLConfig:
                                        "tie_word_embeddings"}, "text")
   root_known = _ROOT_FIELDS | _TEXT_FIELDS | {"hidden_act", "use_sliding_window", "vision_start_token_id"}
   _check_known(hf, root_known, "root")
+  _check_values(vision_d, _VISION_KINDS, "vision_config.", _REQUIRED_VISION)
+  _check_values(text_d, _TEXT_KINDS, text_where, _REQUIRED_TEXT)
+  _check_values(hf, _ROOT_KINDS, "")
 
-  v_theta, _ = _rope(vision_d, 10000.0)
+  v_theta, _ = _rope(vision_d, 10000.0, "vision_config.")
   vision = VisionConfig(**{k: (tuple(v) if isinstance(v, list) else v)
                            for k, v in vision_d.items() if k in _VISION_FIELDS}, rope_theta=v_theta)
-  theta, section = _rope(text_d, 1_000_000.0)
+  theta, section = _rope(text_d, 1_000_000.0, text_where)
   text = TextConfig(**{k: v for k, v in text_d.items() if k in _TEXT_FIELDS}, rope_theta=theta,
                     **({"mrope_section": section} if section is not None else {}))
 

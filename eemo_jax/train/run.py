@@ -166,6 +166,7 @@ def pipeline_config(config, arch: Qwen25VLConfig, *, split: str | None = None, e
   v = arch.vision
   fields = dict(d.items())
   fields.update(batch_size=per_process, patch_budget=d.patch_budget or None, frame_budget=d.frame_budget or None,
+                max_image_pixels=d.max_image_pixels or None,
                 seed=int(t.seed), num_epochs=1 if eval_mode else None, microbatches=0 if eval_mode else accum,
                 patch_size=v.patch_size, temporal_patch_size=v.temporal_patch_size, merge_size=v.spatial_merge_size,
                 window_size=v.window_size)
@@ -246,7 +247,7 @@ def train(config, *, tokenizer=None, train_source=None, eval_source=None, progre
   The inputs (tokenizer, HF folder, data, export target) are checked before anything is written into the
   run directory, and a resume is checked against the config the run was started with (`run_record`).
   """
-  from data_pipeline.pipeline import abstract_batch, make_iterator, to_train_batch
+  from data_pipeline.pipeline import abstract_batch, make_iterator, skip_counts, to_train_batch
 
   started = time.time()
   use_host_memory_for_cpu_steps()  # before the backend starts: the CPU step's buffers stay mapped
@@ -336,13 +337,14 @@ def train(config, *, tokenizer=None, train_source=None, eval_source=None, progre
         metrics = _host_metrics(metrics)
         if not math.isfinite(metrics["loss"]):
           raise NonFiniteLossError(_non_finite(metrics["loss"], step, data, checkpoints))
+        metrics.update(_skipped(skip_counts(data)))
         if step % t.log_every == 0 or step == total_steps:
           seconds = max(time.time() - window_start, 1e-9)
           metrics["tokens_per_s"] = tokens_per_step * (step - last_logged) / seconds
           if peak and flops:
             metrics["mfu"] = flops * (step - last_logged) / seconds / peak
           window_start, last_logged = time.time(), step
-          progress.update(step, {k: metrics[k] for k in _SHOWN if k in metrics})
+          progress.update(step, {k: metrics[k] for k in _SHOWN if metrics.get(k)})
         writer.write(step, metrics)
         last = metrics
         if on_step is not None:
@@ -396,7 +398,15 @@ def _load_tokenizer(folder: str):
                       f"{error}); point data.tokenizer_dir at a folder with a valid tokenizer.json") from None
 
 
-_SHOWN = ("loss", "lm_loss", "token_accuracy", "ces_loss", "ces_accuracy", "grad_norm", "lr", "tokens_per_s", "mfu")
+_SHOWN = ("loss", "lm_loss", "token_accuracy", "ces_loss", "ces_accuracy", "grad_norm", "lr", "tokens_per_s", "mfu",
+          "skipped")
+
+
+def _skipped(counts: dict[str, int]) -> dict[str, float]:
+  """Records this process's pipeline has skipped so far, per reason and in total (`skipped`), for the log."""
+  out = {f"skipped_{reason}": float(n) for reason, n in counts.items()}
+  out["skipped"] = float(sum(counts.values()))
+  return out
 
 
 def _describe(metrics: dict[str, float]) -> str:
@@ -452,24 +462,33 @@ def check_export_target(export_dir: str, run_dir: str, *, overwrite: bool) -> No
   Finding that out after hours of training would be too late; a folder this run exported to before (a
   re-run of a finished run) is replaced, since the run owns it.
   """
-  if not export_dir or overwrite or not os.path.isdir(export_dir) or not os.listdir(export_dir):
+  from eemo_jax.hf.staging import ExportError, check_target
+  if not export_dir:
     return
-  if export_dir in _exports_of(run_dir):
-    return
-  raise ConfigError(f"train.export_dir {export_dir} is not empty and was not written by this run; choose an empty or "
-                    "new folder, or set --config.train.export_overwrite=true to replace it when the run ends")
+  owned = export_dir in _exports_of(run_dir)
+  try:
+    check_target(export_dir, overwrite=overwrite or owned)
+  except ExportError as error:
+    hint = "" if overwrite else (" (this run did not write it; set --config.train.export_overwrite=true to replace "
+                                 "it when the run ends)")
+    raise ConfigError(f"train.export_dir: {error}{hint}") from None
 
 
 def export(config, graphdef, state, tokenizer_dir: str, out_dir: str, *, run_dir: str | None = None) -> str:
-  """The trained model as an HF folder (LoRA merged) plus the head's safetensors beside it."""
+  """The trained model as an HF folder (LoRA merged) plus the head's safetensors beside it, replacing
+  `out_dir` whole once complete (a kill leaves the old export or the new one)."""
   from eemo_jax.hf.heads_io import save_head
-  from eemo_jax.hf.save import save_hf
+  from eemo_jax.hf.save import check_exportable, export_folder, write_hf
   from eemo_jax.model.lora import merge_lora
   model = nnx.merge(graphdef, state.params, state.frozen)
   backbone = merge_lora(model.backbone)
-  save_hf(backbone, out_dir, source_dir=tokenizer_dir or None)
-  if model.head is not None:
-    save_head(model.head, out_dir)
+  check_exportable(backbone)
+  # The whole folder (HF files and the head) is put in place at once; replacing is safe here because
+  # `check_export_target` refused, before training, a folder that was neither this run's nor allowed.
+  with export_folder(out_dir, overwrite=True) as folder:
+    write_hf(backbone, folder, source_dir=tokenizer_dir or None)
+    if model.head is not None:
+      save_head(model.head, folder)
   if run_dir is not None and jax.process_index() == 0 and out_dir not in _exports_of(run_dir):
     run_record.write_json(os.path.join(run_dir, EXPORTS_FILE), _exports_of(run_dir) + [out_dir])
   return out_dir

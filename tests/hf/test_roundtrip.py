@@ -208,7 +208,7 @@ def test_export_replaces_stale_weight_files(untied, tmp_path):
   src, ref, model = untied
   out = os.fspath(tmp_path / "out")
   save_hf(model, out, max_shard_bytes=64 * 2**10)
-  assert save_hf(model, out) == ["model.safetensors"]
+  assert save_hf(model, out, overwrite=True) == ["model.safetensors"]
   assert sorted(n for n in os.listdir(out) if "safetensors" in n) == ["model.safetensors"]
   back, info = load_torch(out)
   assert_clean_load(info)

@@ -386,3 +386,23 @@ def test_a_failed_checkpoint_save_stops_the_run_at_once(assets, tmp_path, capsys
   assert "checkpoint 2 -> " not in captured.err + captured.out
   assert max(r["step"] for r in _rows(run_dir)) <= 3  # stopped at once: the failure shows within a step or two
   assert _steps_on_disk(run_dir) == [1]
+
+
+def test_skipped_records_are_counted_in_the_metrics_and_the_progress_line(assets, tmp_path):
+  """Two undecodable images among the records: training goes on, and how many were skipped, and why, is in
+  every metrics.jsonl row and on the progress line (not only in warnings a user may never see)."""
+  from data_pipeline.builders import load_records
+  built = load_records("synthetic", assets.data_dir, "train", config=assets.dataset_config)
+  records = [built[i] for i in range(len(built))]
+  source = records[:3] + [{**records[0], "id": "broken-1", "image": b"GIF89a?"}] + records[3:9] + \
+      [{**records[1], "id": "broken-2", "image": b"\x89PNG\r\n"}] + records[9:]
+  run_dir = tmp_path / "run"
+  config = load_config(TINY, _overrides(assets, run_dir, train__steps=2, eval__batches=0, data__shuffle=False))
+  progress = io.StringIO()
+  train(config, train_source=source, progress_stream=progress)
+  rows = _by_step(_rows(run_dir))
+  assert rows[2]["skipped"] == 2 and rows[2]["skipped_corrupt_image"] == 2
+  assert rows[1]["skipped"] == 1  # the first batch of 8 read past broken-1 only
+  for reason in ("missing_file", "image_too_large", "invalid_record", "overlong", "images_over_budget"):
+    assert rows[2][f"skipped_{reason}"] == 0
+  assert re.search(r"step 2/2 .* skipped 2", progress.getvalue()), progress.getvalue()
