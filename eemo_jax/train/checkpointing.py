@@ -91,6 +91,11 @@ class RunCheckpoints:
     self._pending: int | None = None  # a started save not yet confirmed on disk
     self._unreported: list[int] = []  # saves confirmed on disk that `poll` / `wait` have not returned yet
 
+  @staticmethod
+  def present(run_dir: str) -> bool:
+    """Whether the run directory has a checkpoint folder (complete checkpoints or not), without creating one."""
+    return os.path.isdir(os.path.join(paths.absolute(run_dir), "checkpoints"))
+
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 

@@ -280,10 +280,14 @@ def train(config, *, tokenizer=None, train_source=None, eval_source=None, progre
   schedule = learning_rate_schedule(opt_cfg)
 
   data = make_iterator(pcfg, mesh=mesh, tokenizer=tokenizer, model_config=arch, source=train_source)
-  checkpoints = RunCheckpoints(run_dir, save_every=t.checkpoint_every, keep=t.keep_checkpoints,
-                               async_save=t.async_checkpoints, clean_up=True)
+  def open_checkpoints() -> RunCheckpoints:
+    return RunCheckpoints(run_dir, save_every=t.checkpoint_every, keep=t.keep_checkpoints,
+                          async_save=t.async_checkpoints, clean_up=True)
+
   quiet_orbax_tracebacks()
-  resumed_from = checkpoints.latest_step()
+  # A new run creates its checkpoint folder only once its first batch is in hand (below).
+  checkpoints = open_checkpoints() if RunCheckpoints.present(run_dir) else None
+  resumed_from = checkpoints.latest_step() if checkpoints is not None else None
   config_check = run_record.check_config(config, run_dir, resuming_from=resumed_from)
   writer = progress = None
   try:
@@ -301,6 +305,12 @@ def train(config, *, tokenizer=None, train_source=None, eval_source=None, progre
         graphdef, state = create_train_state(model, optimizer, mesh, rules, trainable=trainable, seed=t.seed)
       else:
         graphdef, state = create_train_state(factory, optimizer, mesh, rules, trainable=trainable, seed=t.seed)
+      start = int(jax.device_get(state.step))
+      # The first batch before anything is written: a data set that yields nothing usable (or a strict-mode
+      # bad record) stops the run here, with the run directory as it was.
+      pending = next(data) if start < total_steps else None
+      if checkpoints is None:
+        checkpoints = open_checkpoints()
       if is_main:  # the inputs are usable and the state is in hand: now the run directory records this config
         run_record.write_config(config, run_dir, config_check, step=resumed_from)
 
@@ -324,7 +334,6 @@ def train(config, *, tokenizer=None, train_source=None, eval_source=None, progre
         progress.message(f"warning: {line}")
       if config_check.message():
         progress.message(config_check.message())
-      start = int(jax.device_get(state.step))
       if resumed_from is not None:
         progress.message(f"resumed {run_dir} at step {start} (checkpoint {resumed_from})")
       last, eval_metrics = {}, {}
@@ -332,7 +341,8 @@ def train(config, *, tokenizer=None, train_source=None, eval_source=None, progre
       tokens_per_step = math.prod(batch_spec.input_ids.shape)  # processed (padded) tokens of all microbatches
       last_logged = start
       for step in range(start + 1, total_steps + 1):
-        batch = to_train_batch(next(data))
+        batch = to_train_batch(next(data) if pending is None else pending)
+        pending = None
         state, metrics = step_fn(state, batch)
         metrics = _host_metrics(metrics)
         if not math.isfinite(metrics["loss"]):
@@ -365,7 +375,8 @@ def train(config, *, tokenizer=None, train_source=None, eval_source=None, progre
       progress.close()
     if writer is not None:
       writer.close()
-    checkpoints.close()
+    if checkpoints is not None:
+      checkpoints.close()
     data_close = getattr(data, "close", None)
     if data_close is not None:
       data_close()  # stops its worker processes now, not at garbage collection

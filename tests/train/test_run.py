@@ -406,3 +406,12 @@ def test_skipped_records_are_counted_in_the_metrics_and_the_progress_line(assets
   for reason in ("missing_file", "image_too_large", "invalid_record", "overlong", "images_over_budget"):
     assert rows[2][f"skipped_{reason}"] == 0
   assert re.search(r"step 2/2 .* skipped 2", progress.getvalue()), progress.getvalue()
+
+  # data.strict: the first bad record stops the run before anything is written into its directory.
+  from data_pipeline.errors import CorruptImageError
+  strict_dir = tmp_path / "strict"
+  strict = load_config(TINY, _overrides(assets, strict_dir, train__steps=2, eval__batches=0, data__shuffle=False,
+                                        data__strict=True))
+  with pytest.raises(CorruptImageError, match="record 'broken-1', field 'image'"):
+    train(strict, train_source=source, progress_stream=io.StringIO())
+  assert not strict_dir.exists()
