@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import json
 import math
 import numbers
@@ -167,9 +168,9 @@ def parse_emoverse_answer(text: str) -> BasAnswer | None:
   payload = _literal_dict(text)
   if payload is None:
     match = _EMOTION_RE.search(text or "")
-    emotion = _canonical(match.group(1), MIKELS_8) if match else None
+    emotion = match_emotion(match.group(1), MIKELS_8) if match else None
     return BasAnswer(emotion=emotion) if emotion else None
-  emotion = _canonical(str(payload.get("emotion", "")), MIKELS_8)
+  emotion = match_emotion(str(payload.get("emotion", "")), MIKELS_8)
   if emotion is None:
     return None
   text_field = lambda key: None if payload.get(key) is None else str(payload[key])  # noqa: E731
@@ -228,18 +229,17 @@ ANSWER_KEYS = {"yes_no": "Answer", "multiple_choice": "Answer", "dominant_emotio
                "emotion_ranking": "Emotion ranking", "valence": "Valence", "arousal": "Arousal",
                "dominance": "Dominance", "open_ended": "Description"}
 _TAG_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-_WELL_FORMED_RE = re.compile(r"\s*<think>.*?</think>\s*<answer>.*?</answer>\s*", re.DOTALL)
-_KEY_VALUE_RE = re.compile(r"\s*([A-Za-z][A-Za-z ]*?)\s*:\s*(.*?)\s*", re.DOTALL)
+_KEY_RE = re.compile(r"[A-Za-z][A-Za-z ]*")
 _NUMBER_RE = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)")
 _LETTER_RE = re.compile(r"\(?([A-Z])\)?(?:\s*[:.)]\s*(.*))?", re.DOTALL)
+# Separators of a ranking's emotions: commas as prompted, and what records.py reads in released rankings.
+_RANKING_SEP_RE = re.compile(r"[,;>]")
+_TASKS_BY_KEY = {key.lower(): tuple(t for t, k in ANSWER_KEYS.items() if k == key) for key in ANSWER_KEYS.values()}
 
 
 def eemo_messages(record: Mapping, *, with_answer: bool = True, system: str | None = None) -> list[dict]:
   """Dispatches on `record["task"]`, one of `ANSWER_KEYS`."""
-  task = record.get("task")
-  if task not in ANSWER_KEYS:
-    raise UnknownLabelError(_id(record), "task", f"{task!r} is not an EEmo-Logic task",
-                            f"use one of {sorted(ANSWER_KEYS)}")
+  task = _eemo_task(record)
   question, value = _EEMO_BUILDERS[task](record)
   slot = _slot(task)
   messages = [] if system is None else [{"role": "system", "content": system}]
@@ -247,6 +247,24 @@ def eemo_messages(record: Mapping, *, with_answer: bool = True, system: str | No
   if with_answer:
     messages.append(_assistant(format_eemo_answer(task, value, think=str(record.get("think", "")))))
   return messages
+
+
+def eemo_answer(record: Mapping):
+  """The answer of an EEmo record as its prompt builder reads it: what SFT trains on and rewards compare with.
+
+  The option letter (yes_no, multiple_choice), the emotion in the spelling of its option set, the three
+  ranked emotions, the V/A/D score, or the text (open_ended). A record that cannot make a prompt raises a
+  `RecordError` naming the field.
+  """
+  return _EEMO_BUILDERS[_eemo_task(record)](record)[1]
+
+
+def _eemo_task(record: Mapping) -> str:
+  task = record.get("task")
+  if task not in ANSWER_KEYS:
+    raise UnknownLabelError(_id(record), "task", f"{task!r} is not an EEmo-Logic task",
+                            f"use one of {sorted(ANSWER_KEYS)}")
+  return task
 
 
 def format_eemo_answer(task: str, value, *, think: str = "") -> str:
@@ -259,57 +277,128 @@ def format_eemo_answer(task: str, value, *, think: str = "") -> str:
 
 
 def is_well_formed(text: str) -> bool:
-  """Whether `text` is exactly a `<think>…</think>` block followed by an `<answer>…</answer>` block."""
-  return _WELL_FORMED_RE.fullmatch(text or "") is not None
+  """Whether `text` is exactly one `<think>…</think>` block followed by one `<answer>…</answer>` block.
+
+  Each tag must occur once: a second answer (or a think block inside the answer) breaks the template even
+  though the last answer would still be read.
+  """
+  text = text or ""
+  # With each tag once, `re.fullmatch(r"\s*<think>.*?</think>\s*<answer>.*?</answer>\s*", text, re.DOTALL)`
+  # reduces to the tags' order and whitespace around them: a few string scans instead of a lazy regex match.
+  think, think_end = text.find("<think>"), text.find("</think>")
+  answer, answer_end = text.find("<answer>"), text.find("</answer>")
+  if not 0 <= think < think_end < answer < answer_end:
+    return False
+  if (text.rfind("<think>") != think or text.rfind("</think>") != think_end or text.rfind("<answer>") != answer
+      or text.rfind("</answer>") != answer_end):
+    return False  # a tag occurs twice
+  between, after = text[think_end + len("</think>"):answer], text[answer_end + len("</answer>"):]
+  return not (text[:think].strip() or between.strip() or after.strip())
 
 
-def parse_answer(text: str, task: str | None = None, *, options=None):
+def answer_content(text: str) -> str | None:
+  """The content of the last `<answer>…</answer>` block (the authors' evaluation reads the last), or None."""
+  matches = _TAG_RE.findall(text or "")
+  return matches[-1] if matches else None
+
+
+def parse_answer(text: str, task: str | None = None, *, options=None, partial: bool = False):
   """The value of the last `<answer>Key: value</answer>`, or None when it is missing or malformed.
 
-  The key names the task (`ANSWER_KEYS`); with `task` given, another key gives None. Values:
-    valence / arousal / dominance -> float in [0, 1];
-    emotion_ranking -> three distinct emotions of `options` (default `EKMAN_7`), in its spelling;
-    dominant_emotion -> the emotion, in the spelling of `options` when given (None if not among them);
-    yes_no / multiple_choice ("Answer") -> the option letter, also recognised from the option text when
-      `options` (letter -> text, or a list lettered A, B, ...) are given; yes_no defaults to A: No, B: Yes;
-    open_ended -> the text.
+  The key names the task (`ANSWER_KEYS`); with `task` given, another key gives None. The value is read by
+  `read_answer_value` (see there for what each task gives, `options` and `partial`).
   """
-  matches = _TAG_RE.findall(text or "")
-  if not matches:
+  content = answer_content(text)
+  if content is None:
     return None
-  pair = _KEY_VALUE_RE.fullmatch(matches[-1])
-  if pair is None:
+  key, colon, value = content.partition(":")  # the key holds letters and spaces only, so the first colon
+  key = key.strip()
+  if not colon or _KEY_RE.fullmatch(key) is None:
     return None
-  key, value = pair.group(1).lower(), pair.group(2)
-  candidates = [t for t, k in ANSWER_KEYS.items() if k.lower() == key]
-  if not candidates or (task is not None and task not in candidates):
+  candidates = _TASKS_BY_KEY.get(key.lower())
+  if candidates is None or (task is not None and task not in candidates):
     return None
   if task is None and len(candidates) > 1:  # "Answer": a choice; any letter unless `options` are given
     task = "multiple_choice"
-  task = task or candidates[0]
-  if task in VAD_DIMENSIONS:
-    score = float(value) if _NUMBER_RE.fullmatch(value) else None
-    return score if score is not None and 0.0 <= score <= 1.0 else None
-  if task == "emotion_ranking":
-    return _top3(value.split(","), EKMAN_7 if options is None else _option_names(options))
-  if task == "dominant_emotion":
-    return (value or None) if options is None else _canonical(value, _option_names(options))
-  if task in ("yes_no", "multiple_choice"):
-    choices = YES_NO_OPTIONS if task == "yes_no" and options is None else _lettered(options)
-    return _choice_letter(value, choices)
+  return read_answer_value(task or candidates[0], value.strip(), options=options, partial=partial)
+
+
+def read_answer_value(task: str, value: str, *, options=None, partial: bool = False):
+  """One task's answer value (the text after `Key:`), or None when it cannot be read.
+
+    valence / arousal / dominance -> float in [0, 1];
+    emotion_ranking -> three distinct emotions of `options` (default `EKMAN_7`), in its spelling; with
+      `partial=True`, the first (up to) three distinct emotions of `options` among the items, skipping
+      repeats and unknown words (None when there is none), for rewards that give partial credit;
+    dominant_emotion -> the emotion, in the spelling of `options` when given (None if not among them);
+    yes_no / multiple_choice -> the option letter, also recognised from the option text when `options`
+      (letter -> text, or a list lettered A, B, ...) are given; yes_no defaults to A: No, B: Yes;
+    open_ended -> the text.
+  Emotions are matched ignoring case, surrounding punctuation, a trailing "(...)" remark and a plural "s",
+  and through the authors' synonyms (`EMOTION_SYNONYMS`) when the word itself is not an option.
+  """
+  return _VALUE_READERS[task](task, value, options, partial)
+
+
+def _read_score(task, value, options, partial) -> float | None:
+  score = float(value) if _NUMBER_RE.fullmatch(value) else None
+  return score if score is not None and 0.0 <= score <= 1.0 else None
+
+
+def _read_ranking(task, value, options, partial) -> tuple[str, ...] | None:
+  emotions = EKMAN_7 if options is None else _option_names(options)
+  items = _RANKING_SEP_RE.split(value)
+  return _first3(items, emotions) if partial else _top3(items, emotions)
+
+
+def _read_dominant(task, value, options, partial) -> str | None:
+  return (value or None) if options is None else match_emotion(value, _option_names(options))
+
+
+def _read_choice(task, value, options, partial) -> str | None:
+  choices = YES_NO_OPTIONS if task == "yes_no" and options is None else _lettered(options)
+  return _choice_letter(value, choices)
+
+
+def _read_text(task, value, options, partial) -> str | None:
   return value or None
+
+
+_VALUE_READERS = {"valence": _read_score, "arousal": _read_score, "dominance": _read_score,
+                  "emotion_ranking": _read_ranking, "dominant_emotion": _read_dominant, "yes_no": _read_choice,
+                  "multiple_choice": _read_choice, "open_ended": _read_text}
+
+
+def answer_options(record: Mapping):
+  """The options a task's prompt offers, as its builder shows them and its answer parser reads them.
+
+  letter -> text for yes_no (default A: No, B: Yes) and multiple_choice; the emotion names for
+  dominant_emotion (from `options` or `option_set`) and emotion_ranking (default `EKMAN_7`); None for the
+  other tasks. A record whose options cannot make a prompt raises a `RecordError` naming the field.
+  """
+  task = record.get("task")
+  if task == "yes_no":
+    given = _lettered(record.get("options")) if _given(record.get("options")) else None
+    return given if given and len(given) == 2 else YES_NO_OPTIONS
+  if task == "multiple_choice":
+    return _options(record)
+  if task == "dominant_emotion":
+    return _option_names(_field(record, "options", "option_set"))
+  if task == "emotion_ranking":
+    named = next((record.get(k) for k in ("options", "option_set") if _given(record.get(k))), None)
+    return _option_names(named) if named is not None else EKMAN_7
+  return None
 
 
 def _yes_no(record: Mapping) -> tuple[str, str]:
   """Released questions put No/Yes in either order; the record's options say which (default A: No, B: Yes)."""
-  given = _lettered(record.get("options")) if _given(record.get("options")) else None
-  options = given if given and len(given) == 2 else YES_NO_OPTIONS
+  options = answer_options(record)
   return _perception(record, options), _answer_letter(record, options, "answer a yes/no question with an "
                                                       "option's letter or text")
 
 
 def _multiple_choice(record: Mapping) -> tuple[str, str]:
-  options = _options(record)
+  options = answer_options(record)
   return _perception(record, options), _answer_letter(record, options, "give the correct option's letter or text")
 
 
@@ -327,9 +416,9 @@ def _answer_letter(record: Mapping, options: Mapping[str, str], fix: str) -> str
 
 
 def _dominant(record: Mapping) -> tuple[str, str]:
-  names = _option_names(_field(record, "options", "option_set"))
+  names = answer_options(record)
   value = _field(record, "emotion", "answer")
-  answer = _canonical(str(value), names)
+  answer = match_emotion(str(value), names)
   if answer is None:
     raise UnknownLabelError(_id(record), "answer", f"{value!r} is not among the options {names}",
                             "give the dominant emotion from the record's option set")
@@ -338,8 +427,7 @@ def _dominant(record: Mapping) -> tuple[str, str]:
 
 def _ranking(record: Mapping) -> tuple[str, tuple[str, ...]]:
   """Top-3 of the record's option set; EEmo-Bench's 7 emotions (`EKMAN_7`) when it names none."""
-  named = next((record.get(k) for k in ("options", "option_set") if _given(record.get(k))), None)
-  emotions = _option_names(named) if named is not None else EKMAN_7
+  emotions = answer_options(record)
   value = _field(record, "ranking", "answer")
   ranking = _top3(value.split(",") if isinstance(value, str) else list(value), emotions)
   if ranking is None:
@@ -400,6 +488,16 @@ def _lettered(options) -> dict[str, str] | None:
 
 def _option_names(options) -> tuple[str, ...]:
   """An option set: a name of `OPTION_SETS`, a comma-separated string, or a sequence of emotions."""
+  if isinstance(options, (str, tuple)):  # read once: answers are read against the same sets again and again
+    try:
+      return _hashable_option_names(options)
+    except TypeError:  # a tuple holding unhashable values
+      pass
+  return tuple(str(o) for o in options)
+
+
+@functools.lru_cache(maxsize=256)
+def _hashable_option_names(options) -> tuple[str, ...]:
   if isinstance(options, str):
     return OPTION_SETS.get(options) or tuple(o.strip() for o in options.split(",") if o.strip())
   return tuple(str(o) for o in options)
@@ -421,20 +519,64 @@ def _choice_letter(value: str, options: Mapping[str, str] | None) -> str | None:
 
 
 def _top3(items: Sequence, emotions: Sequence[str]) -> tuple[str, str, str] | None:
-  """Three distinct emotions of `emotions`, in their spelling; None otherwise."""
-  names = tuple(_canonical(str(v), emotions) for v in items)
+  """Three distinct emotions of `emotions`, in their spelling; None otherwise (empty items are ignored)."""
+  names = tuple(match_emotion(str(v), emotions) for v in items if str(v).strip())
   return names if len(names) == 3 and None not in names and len(set(names)) == 3 else None
 
 
-def _canonical(value: str, names: Sequence[str]) -> str | None:
-  """`value` in the spelling of `names`, ignoring case and surrounding space/punctuation."""
+def _first3(items: Sequence, emotions: Sequence[str]) -> tuple[str, ...] | None:
+  """The first (up to) three distinct emotions of `emotions` among `items`; None when there is none."""
+  found: list[str] = []
+  for item in items:
+    name = match_emotion(str(item), emotions)
+    if name is not None and name not in found:
+      found.append(name)
+      if len(found) == 3:
+        break
+  return tuple(found) or None
+
+
+# Other words for an emotion, tried when the word itself is not an option: the replacements of the authors'
+# ranking scorer (thinking_consistancy.py `exclude_emo`) and the spellings their dominant-emotion reward and
+# option sets mix (grpo_emotion.py `get_reward`; ArtPhoto's "Sad"/"Content" against Mikels' "sadness"/...).
+EMOTION_SYNONYMS = {"neutrality": ("neutral",), "joyful": ("joy",), "shock": ("surprise",), "pleasure": ("joy",),
+                    "sad": ("sadness",), "sadness": ("sad",), "content": ("contentment",),
+                    "contentment": ("content",)}
+
+
+def match_emotion(value: str, names: Sequence[str]) -> str | None:
+  """`value` in the spelling of `names`, ignoring case, surrounding space/punctuation and a trailing "(...)".
+
+  The word itself wins; then its singular (a final "s" or "es" dropped); then its `EMOTION_SYNONYMS`.
+  """
   key = value.strip().strip(".'\"[]").strip().lower()
-  return next((n for n in names if n.lower() == key), None)
+  if "(" in key:  # "sadness (the rain)": the authors' handle_label keeps what precedes the remark
+    key = key[:key.index("(")].strip()
+  table = _name_table(tuple(names))
+  found = table.get(key)
+  if found is not None or not key:
+    return found
+  words = [key]
+  if key.endswith("s"):
+    words += [key[:-1], key[:-2]] if key.endswith("es") else [key[:-1]]
+  for word in words[1:] + [s for w in words for s in EMOTION_SYNONYMS.get(w, ())]:
+    if word in table:
+      return table[word]
+  return None
+
+
+@functools.lru_cache(maxsize=64)
+def _name_table(names: tuple[str, ...]) -> dict[str, str]:
+  """Lower-case name -> name, built once per option set (the first spelling wins)."""
+  table: dict[str, str] = {}
+  for name in names:
+    table.setdefault(name.lower(), name)
+  return table
 
 
 def _mikels(record: Mapping) -> str:
   value = _field(record, "emotion", "emotion_category")
-  emotion = _canonical(str(value), MIKELS_8)
+  emotion = match_emotion(str(value), MIKELS_8)
   if emotion is None:
     raise UnknownLabelError(_id(record), "emotion", f"{value!r} is not a Mikels emotion",
                             f"use one of {', '.join(MIKELS_8)}")

@@ -8,3 +8,4 @@
 
 from eemo_jax.rl.advantages import group_advantages
 from eemo_jax.rl.losses import mask_truncated_completions, policy_loss
+from eemo_jax.rl import parsing, rewards  # noqa: F401

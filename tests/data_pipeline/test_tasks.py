@@ -322,3 +322,75 @@ def test_every_synthetic_eemo_record_renders_with_its_own_options():
       assert tasks.is_well_formed(answer), (record.id, answer)
       seen.add(record.task)
   assert {"yes_no", "emotion_ranking", "multiple_choice", "dominant_emotion"} <= seen
+
+
+def test_is_well_formed_needs_exactly_one_think_and_one_answer():
+  assert not tasks.is_well_formed("<think>a</think><answer>Valence: 0.1</answer><answer>Valence: 0.9</answer>")
+  assert not tasks.is_well_formed("<think>a</think><answer>Valence: 0.1 <think>b</think></answer>")
+  assert not tasks.is_well_formed("<think><think>a</think><answer>Valence: 0.1</answer>")
+  assert tasks.is_well_formed("<think></think><answer>Valence: 0.1</answer>")  # an empty think is the SFT target's
+
+
+@pytest.mark.parametrize("said,options,expected", [
+    ("Sadness", tasks.ARTPHOTO_8, "Sad"),  # the authors' Sad / Sadness and Content / Contentment
+    ("sad", tasks.MIKELS_8_FI, "sadness"),
+    ("Contentment", tasks.ARTPHOTO_8, "Content"),
+    ("content", tasks.MIKELS_8_FI, "contentment"),
+    ("Neutrality", tasks.EKMAN_7_EEMO, "neutral"),  # thinking_consistancy.py exclude_emo's replacements
+    ("Joyful", tasks.EKMAN_7_EEMO, "joy"),
+    ("Shock", tasks.EKMAN_7_EEMO, "surprise"),
+    ("Pleasure", tasks.EKMAN_7_EEMO, "joy"),
+    ("Pleasure", tasks.EMOTIC_26, "Pleasure"),  # a synonym only where the word itself is no option
+    ("Fears.", tasks.MIKELS_8_FI, "fear"),  # plural
+    ("surprises", tasks.EKMAN_7_EEMO, "surprise"),
+    ("AWE (the mountain)", tasks.MIKELS_8_FI, "awe"),  # the authors' handle_label drops the remark
+    ("joy", tasks.MIKELS_8_FI, None),
+    ("fearful", tasks.MIKELS_8_FI, None),
+])
+def test_dominant_answers_fold_case_plurals_and_synonyms(said, options, expected):
+  assert tasks.parse_answer(f"<answer>Dominant emotion: {said}</answer>", "dominant_emotion",
+                            options=options) == expected
+
+
+def test_partial_rankings_keep_the_first_three_distinct_emotions():
+  read = lambda value, **kw: tasks.parse_answer(f"<answer>Emotion ranking: {value}</answer>",  # noqa: E731
+                                                "emotion_ranking", **kw)
+  assert read("joy, joy, fear") is None and read("joy, joy, fear", partial=True) == ("joy", "fear")
+  assert read("joy, awe, fear, sadness", partial=True) == ("joy", "fear", "sadness")  # awe is no option
+  assert read("awe, calm", partial=True) is None
+  assert read("joy; surprise; neutral") == read("joy > surprise > neutral") == ("joy", "surprise", "neutral")
+  assert read("Joyful, Shock, Neutrality,") == ("joy", "surprise", "neutral")  # synonyms; a trailing comma
+
+
+def test_answer_options_are_what_the_builders_show():
+  assert tasks.answer_options({"task": "yes_no"}) == tasks.YES_NO_OPTIONS
+  assert tasks.answer_options({"task": "yes_no", "options": ["Yes", "No"]}) == {"A": "Yes", "B": "No"}
+  assert tasks.answer_options({"task": "multiple_choice", "options": ["x", "y"]}) == {"A": "x", "B": "y"}
+  assert tasks.answer_options({"task": "dominant_emotion", "option_set": "artphoto8"}) == tasks.ARTPHOTO_8
+  assert tasks.answer_options({"task": "emotion_ranking", "option_set": ""}) == tasks.EKMAN_7
+  assert tasks.answer_options({"task": "valence"}) is None
+  with pytest.raises(MissingFieldError):
+    tasks.answer_options({"id": "q", "task": "dominant_emotion"})
+
+
+@pytest.mark.parametrize("task", sorted(EEMO))
+def test_eemo_answer_is_the_builders_target(task):
+  _, value, _ = EEMO[task]
+  assert tasks.eemo_answer(eemo_record(task)) == value
+
+
+def test_is_well_formed_is_the_template_regex_with_each_tag_once():
+  """The string scans of `is_well_formed` against the regex they replace, on random tag soups."""
+  template = re.compile(r"\s*<think>.*?</think>\s*<answer>.*?</answer>\s*", re.DOTALL)
+  pieces = ["<think>", "</think>", "<answer>", "</answer>", " ", "\n", "\u00a0", "x", "Valence: 0.5", "<", ">", "/"]
+  rng = np.random.default_rng(0)
+  agreed = 0
+  for _ in range(5000):
+    text = "".join(pieces[i] for i in rng.integers(0, len(pieces), int(rng.integers(0, 10))))
+    if rng.random() < 0.5:  # many texts near the template
+      text = f"{text[:3]}<think>{text[3:6]}</think>{text[6:8]}<answer>{text[8:]}</answer>{text[:2]}"
+    expected = all(text.count(t) == 1 for t in ("<think>", "</think>", "<answer>", "</answer>")) and bool(
+        template.fullmatch(text))
+    assert tasks.is_well_formed(text) == expected, repr(text)
+    agreed += expected
+  assert agreed > 200  # well-formed texts are reached often (349 times with this seed)
