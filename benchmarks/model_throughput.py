@@ -21,6 +21,10 @@ a child process that never starts a JAX runtime (see TorchWorker) and times its 
 3. Machine limits: fp32 2048^2 matmul (jnp.dot and torch.mm, best of N) and memory bandwidth
    (512 MB sum = read, and 512 MB x+1 = read+write, both frameworks).
 4. JAX compile times: prefill (lower+compile) and generate (first call minus steady state).
+5. GRPO rollouts (JAX only, `--group-size` G, default 4): B prompts with one `--rollout-image` (112x112)
+   image each, G sampled completions of `--rollout-tokens` (32) tokens per prompt, by the prefix-shared
+   rollout (`eemo_jax.rl.rollout`: vision tower and prefill once per prompt) and by the same rollout on
+   the batch that repeats every prompt and its image G times; what prefix sharing saves.
 
 Throughput ratios are JAX / reference, where the reference is the faster of torch eager and sdpa.
 """
@@ -42,9 +46,10 @@ from collections.abc import Callable
 import numpy as np
 
 TARGETS = {  # JAX/reference throughput ratios the issue asks for
-    "small": {"prefill": 1.0, "decode": 1.1},
+    "small": {"prefill": 1.0, "decode": 1.5},
     "tiny": {"prefill": 2.0, "decode": 5.0},
 }
+DECODE_BW_TARGET = {"small": 0.6}  # issue 13: JAX's greedy decode step reads its weights at >= 60% of the read BW
 
 # Sleep before every timed call (--settle). 0 by default: measured, a 20 ms idle gap made torch's next call
 # slower (tiny prefill 12.5 -> 17 ms: its OpenMP threads fall asleep) and did not help JAX.
@@ -424,18 +429,18 @@ def build_models(cfg, folder: str, seed: int):
   return refs, load_hf(folder)
 
 
-def make_batch(cfg, batch: int, text_tokens: int, seed: int) -> dict[str, np.ndarray]:
+def make_batch(cfg, batch: int, text_tokens: int, seed: int, size: int = 224) -> dict[str, np.ndarray]:
   from PIL import Image
   from transformers import Qwen2VLImageProcessorPil
 
   rs = np.random.RandomState(seed)
   # A synthetic picture: smooth gradients plus noise, one per row.
-  yy, xx = np.mgrid[0:224, 0:224] / 224.0
+  yy, xx = np.mgrid[0:size, 0:size] / float(size)
   images = []
   for i in range(batch):
-    rgb = np.stack([xx, yy, (xx + yy + i / batch) % 1.0], -1) * 200 + rs.rand(224, 224, 3) * 55
+    rgb = np.stack([xx, yy, (xx + yy + i / batch) % 1.0], -1) * 200 + rs.rand(size, size, 3) * 55
     images.append(Image.fromarray(rgb.astype(np.uint8)))
-  proc = Qwen2VLImageProcessorPil(min_pixels=224 * 224, max_pixels=224 * 224, patch_size=cfg.vision.patch_size,
+  proc = Qwen2VLImageProcessorPil(min_pixels=size * size, max_pixels=size * size, patch_size=cfg.vision.patch_size,
                                   merge_size=cfg.vision.spatial_merge_size,
                                   temporal_patch_size=cfg.vision.temporal_patch_size)
   vis = proc(images=images, return_tensors="np")
@@ -575,6 +580,8 @@ def bench_config(name: str, args, limits: dict, worker: TorchWorker) -> dict:
   # ---------------------------------------------------------------- decode
   if not args.skip_decode:
     res.update(bench_decode(name, cfg, model, data, args, limits, worker))
+  if args.group_size > 1:
+    res["rollout"] = bench_rollout(name, model, args)
   worker.call("free")
   return res
 
@@ -642,6 +649,81 @@ def bench_decode(name, cfg, model, data, args, limits, worker: TorchWorker) -> d
   return out
 
 
+def repeat_rows(data: dict[str, np.ndarray], group_size: int) -> dict[str, np.ndarray]:
+  """Every row and its image repeated `group_size` times on consecutive rows (one image per row)."""
+  patches = data["pixel_values"].shape[0] // len(data["image_grid_thw"])
+  pixels = data["pixel_values"].reshape(len(data["image_grid_thw"]), patches, -1)
+  out = {k: np.repeat(data[k], group_size, axis=0) for k in ("input_ids", "attention_mask", "mm_token_type_ids",
+                                                                  "image_grid_thw")}
+  out["pixel_values"] = np.repeat(pixels, group_size, axis=0).reshape(-1, pixels.shape[-1])
+  return out
+
+
+def bench_rollout(name, model, args) -> dict:
+  """GRPO rollouts: `group_size` sampled completions per prompt, prefix-shared (`eemo_jax.rl.rollout`: the
+  vision tower and the prefill once per prompt, the cache repeated) against the repeat-everything batch
+  (each prompt and its image repeated, as TRL does), the same decode loop and per-row keys."""
+  import jax
+  from flax import nnx
+
+  from eemo_jax.model.qwen25vl import prepare_inputs
+  from eemo_jax.rl.rollout import make_rollout_fn
+
+  cfg = model.config
+  g, new = args.group_size, args.rollout_tokens
+  data = make_batch(cfg, args.batch, args.text_tokens, args.seed, size=args.rollout_image)
+  batches = {"shared": data, "repeated": repeat_rows(data, g)}
+  prep, inputs = {}, {}
+  for path, d in batches.items():
+    def host(d=d):
+      return prepare_inputs(cfg, d["input_ids"], d["attention_mask"], d["pixel_values"], d["image_grid_thw"],
+                            mm_token_type_ids=d["mm_token_type_ids"])
+    host()
+    t0 = time.perf_counter()
+    for _ in range(5):
+      host()
+    prep[path] = (time.perf_counter() - t0) / 5
+    inputs[path] = jax.device_put(host())
+  graphdef, state = nnx.split(model)
+  key = jax.random.key(args.seed)
+  fns = {(path, n): make_rollout_fn(graphdef, group_size=g if path == "shared" else 1, max_completion_length=n,
+                                    temperature=1.0)
+         for path in batches for n in (1, new)}
+
+  def run(path, n):
+    def call():
+      out = fns[(path, n)](state, inputs[path], key, eos_ids=[], pad_id=0)  # no EOS: all n tokens
+      return out.tokens.block_until_ready()
+    return call
+
+  first = {}
+  for (path, n) in fns:
+    t0 = time.perf_counter()
+    tokens = np.asarray(run(path, n)())
+    first[(path, n)] = time.perf_counter() - t0
+    if n == new:
+      batches[path] = tokens
+  same = float(np.mean(batches["shared"] == batches["repeated"]))
+  times = race({f"{path}/{n}": run(path, n) for (path, n) in fns}, args.decode_repeats, warmup=1,
+               min_seconds=args.min_decode_seconds / 2)
+  out = {"prompts": args.batch, "group_size": g, "rows": args.batch * g, "completion_tokens": new,
+         "image": args.rollout_image, "prompt_len": int(data["input_ids"].shape[1]),
+         "patches_per_image": int(data["pixel_values"].shape[0] // args.batch), "token_agreement": same,
+         "foreign_cpu": FOREIGN_CPU[-1], "rounds": len(times[f"shared/{new}"])}
+  for path in ("shared", "repeated"):
+    t1, tn = times[f"{path}/1"], times[f"{path}/{new}"]
+    out[path] = {"rollout_ms": 1e3 * med(tn), "rollout_min_ms": 1e3 * min(tn), "first_token_ms": 1e3 * med(t1),
+                 "step_ms": 1e3 * med([(b - a) / (new - 1) for a, b in zip(t1, tn)]),
+                 "host_prep_ms": 1e3 * prep[path], "compile_s": first[(path, new)] - med(tn),
+                 "completions_per_s": args.batch * g / med(tn), "times_ms": {"1": [1e3 * x for x in t1],
+                                                                                 str(new): [1e3 * x for x in tn]}}
+  out["paired_speedup"] = paired_ratio(times[f"repeated/{new}"], times[f"shared/{new}"])
+  out["saved_ms"] = out["repeated"]["rollout_ms"] - out["shared"]["rollout_ms"]
+  _print_progress(name, "rollout", {p: {"rollout_ms": out[p]["rollout_ms"], "first_token_ms": out[p]["first_token_ms"]}
+                                    for p in ("shared", "repeated")})
+  return out
+
+
 def cfg_name(cfg) -> str:
   return f"text{cfg.text.hidden_size}x{cfg.text.num_hidden_layers}"
 
@@ -703,8 +785,10 @@ def print_table(limits: dict, results: list[dict], new: int) -> None:
                    "", "", "", ""))
       rows.append((name, "  torch in-loop median ms/step", "", f"{d['torch_eager']['in_loop_step_ms']:.2f}",
                    f"{d['torch_sdpa']['in_loop_step_ms']:.2f}", "", "", "", ""))
+      bw_tgt = DECODE_BW_TARGET.get(name)
       rows.append((name, "decode weight-BW fraction", f"{d['jax']['bw_fraction']:.1%}",
-                   f"{d['torch_eager']['bw_fraction']:.1%}", f"{d['torch_sdpa']['bw_fraction']:.1%}", "", "", "", ""))
+                   f"{d['torch_eager']['bw_fraction']:.1%}", f"{d['torch_sdpa']['bw_fraction']:.1%}", "", "", "",
+                   f">={bw_tgt:.0%}" if bw_tgt else "", _ok(d["jax"]["bw_fraction"], bw_tgt)))
       ref_name, ref_tps = best_ref(d, "end_to_end_tokens_per_s")
       rows.append((name, f"generate {new} tok/s end-to-end", f"{d['jax']['end_to_end_tokens_per_s']:.0f}",
                    f"{d['torch_eager']['end_to_end_tokens_per_s']:.0f}", f"{d['torch_sdpa']['end_to_end_tokens_per_s']:.0f}",
@@ -715,6 +799,21 @@ def print_table(limits: dict, results: list[dict], new: int) -> None:
       rows.append((name, f"JAX generate compile s (n=1 / n={new})", f"{c['1']:.2f} / {c[str(new)]:.2f}", "", "", "", "", "", ""))
       a = r["greedy_token_agreement"]
       rows.append((name, "greedy ids equal to JAX", "", f"{a['eager']:.0%}", f"{a['sdpa']:.0%}", "", "", "", ""))
+    if "rollout" in r:
+      ro = r["rollout"]
+      what = f"rollout {ro['prompts']}x{ro['group_size']}, {ro['completion_tokens']} tok"
+      sh, rp = ro["shared"], ro["repeated"]
+      rows.append((name, f"{what}: ms (shared / repeat-all)", f"{sh['rollout_ms']:.1f} / {rp['rollout_ms']:.1f}",
+                   "", "", "", f"{rp['rollout_ms'] / sh['rollout_ms']:.2f}x",
+                   f"{rp['rollout_min_ms'] / sh['rollout_min_ms']:.2f}x", "", ""))
+      rows.append((name, "  prefill + 1st token ms (shared / repeat-all)",
+                   f"{sh['first_token_ms']:.1f} / {rp['first_token_ms']:.1f}", "", "", "", "", "", "", ""))
+      rows.append((name, "  decode ms/step (shared / repeat-all)", f"{sh['step_ms']:.2f} / {rp['step_ms']:.2f}",
+                   "", "", "", "", "", "", ""))
+      rows.append((name, "  host prep ms (shared / repeat-all)", f"{sh['host_prep_ms']:.1f} / {rp['host_prep_ms']:.1f}",
+                   "", "", "", "", "", "", ""))
+      rows.append((name, "  tokens equal between the two paths", f"{ro['token_agreement']:.0%}", "", "", "", "", "", "",
+                   ""))
   rows = [r if len(r) == len(hdr) else r[:7] + ("",) + r[7:] for r in rows]
   widths = [max(len(str(x[i])) for x in rows + [hdr]) for i in range(len(hdr))]
   line = lambda x: "  ".join(str(c).rjust(w) if i >= 2 else str(c).ljust(w) for i, (c, w) in enumerate(zip(x, widths)))
@@ -734,6 +833,11 @@ def print_table(limits: dict, results: list[dict], new: int) -> None:
       print(f"[{r['config']}] decode bytes/step: weights {r['decode_weight_bytes'] / 1e6:.1f} MB (text decoder + final "
             f"norm + lm_head + {r['batch']} embedding rows); KV cache (not counted) up to "
             f"{r['decode_kv_bytes_max'] / 1e6:.1f} MB")
+  if any("rollout" in r for r in results):
+    print("Rollout: GRPO group rollouts, sampled (temperature 1), no EOS; shared = eemo_jax.rl.rollout (vision tower "
+          "and prefill once per prompt, KV cache repeated G times), repeat-all = every prompt and its image repeated G "
+          "times (TRL's way), same decode loop and per-row keys; the ratio is repeat-all / shared time (inputs "
+          "prepared beforehand: host prep listed apart).")
   print("Ratios are JAX/ref throughput of the medians; ref = the faster of torch eager and sdpa for that row; "
         "best-of = the same ratio from each contestant's fastest run(s).\nDecode-only time per "
         f"step = median over rounds of (T(generate {new}) - T(generate 1)) / {new - 1}, both timed in the same round; "
@@ -744,6 +848,8 @@ def print_table(limits: dict, results: list[dict], new: int) -> None:
     loads.append(f"{r['config']} prefill {fmt(r['prefill_foreign_cpu'])}")
     if "decode_foreign_cpu" in r:
       loads.append(f"{r['config']} decode {fmt(r['decode_foreign_cpu'])}")
+    if "rollout" in r:
+      loads.append(f"{r['config']} rollout {fmt(r['rollout']['foreign_cpu'])}")
   print("CPU used by other processes in the kept timed rounds (0% = machine was ours): " + ", ".join(loads))
 
 
@@ -788,6 +894,10 @@ def main(argv=None) -> int:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
   p.add_argument("--skip-decode", action="store_true")
+  p.add_argument("--group-size", type=int, default=4,
+                  help="GRPO rollout comparison: completions per prompt (1 skips it)")
+  p.add_argument("--rollout-tokens", type=int, default=32, help="completion tokens of the rollout comparison")
+  p.add_argument("--rollout-image", type=int, default=112, help="image side (px) of the rollout comparison's prompts")
   p.add_argument("--wait-idle", type=float, default=0.0,
                   help="before each timed phase wait up to this many seconds for other processes to go idle")
   p.add_argument("--max-foreign", type=float, default=0.10,

@@ -4,8 +4,7 @@
     python benchmarks/train_step_throughput.py [--configs small,tiny] [--repeats N] [--wait-idle S]
                                                [--breakdown] [--hlo] [--json out.json]
 
-Everything that `model_throughput.py` already does is reused from it (imported as a module, as
-`prototype_fixes.py` does): the random model saved once and loaded by both frameworks (so the weights
+Everything that `model_throughput.py` already does is reused from it (imported as a module): the random model saved once and loaded by both frameworks (so the weights
 are identical), the batch (4 rows x one 224x224 image + 64 text tokens, L = 130), the machine limits
 (fp32 matmul peak, bandwidth) measured in the same run, and the interleaved `race` that redoes rounds
 in which other processes used the CPU. Only the training op is new here.

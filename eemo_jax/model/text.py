@@ -19,17 +19,44 @@ from eemo_jax.model.rope import apply_rotary
 
 @struct.dataclass
 class KVCache:
-  k: jax.Array  # (layers, batch, max_len, kv_heads, head_dim), after RoPE
-  v: jax.Array  # (layers, batch, max_len, kv_heads, head_dim)
+  """Keys (after RoPE) and values of every layer, heads-major so that attention reads them as stored.
+
+  The prefill writes the stacked form (the layers are scanned); one-token decode steps on a CPU use
+  `StepCache`, the same per-layer arrays as separate buffers.
+  """
+  k: jax.Array  # (layers, batch, kv_heads, max_len, head_dim)
+  v: jax.Array  # (layers, batch, kv_heads, max_len, head_dim)
 
   @classmethod
   def zeros(cls, cfg: TextConfig, batch: int, max_len: int, dtype) -> KVCache:
-    shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+    shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
     return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
   @property
   def max_len(self) -> int:
-    return self.k.shape[2]
+    return self.k.shape[3]
+
+  def grow(self, extra: int, *, repeats: int = 1) -> KVCache:
+    """A prefilled prompt's cache made ready for decoding: each row repeated `repeats` times on
+    consecutive rows (a GRPO group shares its prompt's keys and values), then `extra` empty slots."""
+    def one(x):  # (layers, batch, kv, len, hd) -> (layers, batch * repeats, kv, len + extra, hd)
+      x = x if repeats == 1 else jnp.repeat(x, repeats, axis=1)
+      return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, extra), (0, 0)))
+    return KVCache(k=one(self.k), v=one(self.v))
+
+
+@struct.dataclass
+class StepCache:
+  """The KV cache of one-token decode steps run layer by layer (`TextModel.step`): one buffer per
+  layer, so that each step updates its slot in place and reads nothing else; a stacked cache carried
+  through the layer scan was sliced, copied, transposed and restacked every step on XLA:CPU."""
+  k: tuple[jax.Array, ...]  # per layer (batch, kv_heads, max_len, head_dim)
+  v: tuple[jax.Array, ...]
+
+  @classmethod
+  def from_stacked(cls, cache: KVCache) -> StepCache:
+    layers = cache.k.shape[0]
+    return cls(k=tuple(cache.k[i] for i in range(layers)), v=tuple(cache.v[i] for i in range(layers)))
 
 
 class TextAttention(nnx.Module):
@@ -43,19 +70,28 @@ class TextAttention(nnx.Module):
     self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, hd
 
   def __call__(self, x, cos, sin, mask, kv, cache_index, implementation):
+    """kv: None, or this layer's (k, v) cache (batch, kv_heads, max_len, head_dim) with the queries at
+    slots cache_index + arange(seq); returns (output, updated cache or None)."""
     b, l, _ = x.shape
     q = apply_rotary(self.q_proj(x).reshape(b, l, self.heads, self.head_dim), cos, sin)
     k = apply_rotary(self.k_proj(x).reshape(b, l, self.kv_heads, self.head_dim), cos, sin)
     v = self.v_proj(x).reshape(b, l, self.kv_heads, self.head_dim)  # (batch, seq, kv_heads, head_dim)
     if kv is not None:
-      k_cache, v_cache = kv
-      k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), cache_index, axis=1)
-      v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), cache_index, axis=1)
-      k, v, kv = k_cache.astype(x.dtype), v_cache.astype(x.dtype), (k_cache, v_cache)
-    # Without a cache (and slots from 0), query i is key i and `causal_mask` hides every later key.
-    causal = kv is None and isinstance(cache_index, int) and cache_index == 0
+      k_cache, v_cache = (_write(c, new, cache_index) for c, new in zip(kv, (k, v)))
+      kv = (k_cache, v_cache)
+      # Back to (batch, max_len, kv_heads, head_dim): attention's own heads-major transpose undoes this
+      # one, so XLA reads the cache as it is stored.
+      k, v = (c.astype(x.dtype).transpose(0, 2, 1, 3) for c in kv)
+    # Slots from 0 and as many keys as queries (no cache, or a prefill filling its whole cache): query i
+    # is key i and `causal_mask` hides every later key.
+    causal = isinstance(cache_index, int) and cache_index == 0 and k.shape[1] == l
     out = attention(q, k, v, mask, implementation=implementation, causal=causal)
     return self.o_proj(out.reshape(b, l, -1)), kv
+
+
+def _write(cache: jax.Array, new: jax.Array, slot) -> jax.Array:
+  """cache (batch, kv_heads, max_len, head_dim) with new (batch, seq, kv_heads, head_dim) at slots slot.."""
+  return jax.lax.dynamic_update_slice_in_dim(cache, new.transpose(0, 2, 1, 3).astype(cache.dtype), slot, axis=2)
 
 
 class DecoderLayer(nnx.Module):
@@ -124,6 +160,26 @@ class TextModel(nnx.Module):
     if k:
       hidden = x[None] if tail is None else jnp.concatenate([tail, x[None]], axis=0)
     return x, hidden, new_cache
+
+  def unstacked_layers(self) -> list[DecoderLayer]:
+    """The decoder layers as separate modules, each with its own copy of its slice of the stacked weights.
+
+    For decode steps on a CPU (`step`): inside the layer scan XLA:CPU copies each layer's weights out
+    of the stacked arrays before every matmul (a dynamic slice it does not fuse into the matmul), every
+    step. Sliced once before the decode loop, they are copied once per generation and then only read.
+    """
+    graphdef, state = nnx.split(self.layers)
+    return [nnx.merge(graphdef, jax.tree.map(lambda v: v[i], state)) for i in range(self.config.num_hidden_layers)]
+
+  def step(self, x, cos, sin, mask, *, cache: StepCache, slot, layers) -> tuple[jax.Array, StepCache]:
+    """One decode step layer by layer over `layers` (`unstacked_layers()`): the same computation as
+    `__call__` with a cache, on per-layer weights and cache buffers. x: (batch, 1, hidden) -> normed hidden."""
+    ks, vs = [], []
+    for layer, k, v in zip(layers, cache.k, cache.v, strict=True):
+      x, (k, v) = layer(x, cos, sin, mask, (k, v), slot, self.attention_impl)
+      ks.append(k)
+      vs.append(v)
+    return self.norm(x), StepCache(k=tuple(ks), v=tuple(vs))
 
 
 def _keep(tail: jax.Array, h: jax.Array, slot: jax.Array) -> jax.Array:

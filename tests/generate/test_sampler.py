@@ -300,3 +300,49 @@ def test_sampling_config_validates():
   for bad in (dict(max_new_tokens=0), dict(temperature=-1.0), dict(top_k=-2), dict(top_p=0.0)):
     with pytest.raises(ValueError):
       SamplingConfig(**bad)
+
+
+# --------------------------------------------------------------------------------------------------
+# The two layer loops of the decode steps, and the fast argmax
+# --------------------------------------------------------------------------------------------------
+
+
+def _decode(model, batch, layer_loop, **kwargs):
+  inputs = prepare_inputs(model.config, batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+                          batch["image_grid_thw"])
+  graphdef, state = nnx.split(model)
+  kw = dict(max_new_tokens=12, greedy=False, top_k=0, use_top_p=False, with_logprobs=True, group_size=2)
+  kw.update(kwargs)
+  return sampler._decode_jit(graphdef, state, inputs, jax.random.key(7), np.float32(1.0), np.float32(1.0),
+                             sampler._eos_ids([]), np.int32(PAD), layer_loop=layer_loop, **kw)
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_unrolled_and_scanned_decode_steps_agree(models, image_batch, greedy):
+  """The CPU's layer-by-layer steps (own weight and cache buffers per layer) and the accelerators'
+  layer scan over the stacked cache compute the same steps: same tokens, log-probs to rounding."""
+  _, model = models
+  scanned = _decode(model, image_batch, "scan", greedy=greedy)
+  unrolled = _decode(model, image_batch, "unrolled", greedy=greedy)
+  np.testing.assert_array_equal(scanned.tokens, unrolled.tokens)
+  np.testing.assert_allclose(scanned.logprobs, unrolled.logprobs, rtol=0, atol=1e-6)
+  assert len(np.unique(np.asarray(unrolled.tokens))) > 3
+
+
+def test_layer_loop_is_checked(models, image_batch):
+  _, model = models
+  with pytest.raises(ValueError, match="layer_loop"):
+    _decode(model, image_batch, "python")
+
+
+def test_argmax_and_categorical_equal_jax():
+  rs = np.random.RandomState(0)
+  x = rs.randn(64, 300).astype(np.float32)
+  x[3, [5, 9]] = 10.0  # a tie: the first one wins
+  x[7, 11] = np.nan  # NaN counts as the maximum, as in jnp.argmax
+  x[9] = -np.inf
+  np.testing.assert_array_equal(sampler.argmax(x), np.asarray(jax.numpy.argmax(x, axis=-1)))
+  logits = jax.numpy.asarray(rs.randn(64, 300).astype(np.float32) * 3)
+  for seed in range(3):
+    key = jax.random.key(seed)
+    np.testing.assert_array_equal(sampler._categorical(key, logits), jax.random.categorical(key, logits, axis=-1))
