@@ -53,6 +53,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
       image_root="", task="emoverse_ces", seq_len=1024, patch_budget=0, frame_budget=0,
       min_pixels=3136, max_pixels=200704, shuffle=True, worker_count=0, worker_buffer_size=4, read_threads=4,
       prefetch=2, overlong="truncate", packing=False,
+      prompt_only=False,  # GRPO: left-padded generation prompts with their ground truth; seq_len is the bucket
       strict=False,  # a record that cannot be used (any reason) stops the run instead of being skipped and counted
       max_image_pixels=0,  # images larger (read from the header) are skipped; 0: 256 x max_pixels, capped at PIL's
       max_unusable_at_start=1000,  # stop when none of the first N records is usable (e.g. seq_len too short)

@@ -18,6 +18,20 @@ example, 0 padding) and `causal_mask` keeps attention inside a segment; position
 Packed rows train the language-model loss only: a row holding several examples has no single emotion
 label, so its `ces_label` / `des_mask` are left empty.
 
+Prompt batches (`BatchLayout.prompt_only`, GRPO's generation batches) hold one prompt per row, LEFT-padded
+so that every row ends at the last column, where generation continues (`eemo_jax.generate`):
+
+  input_ids, attention_mask          (batch, seq) int32   left-padded: 0...0 1...1, the last column real
+  position_ids, rope_deltas, vision  as above, for the left-padded rows (padding positions 0)
+  truth_task, truth_choice, truth_option_set, truth_emotion  (batch,) int32, -1 where absent
+  truth_ranking                      (batch, 3) int32, -1 where absent
+  truth_score                        (batch,) float32, NaN where absent
+  questions, ids                     host-only lists: each row's `eemo_jax.rl.parsing.Question` and record id
+
+The truth_* arrays are the fields of `eemo_jax.rl.rewards.GroundTruth`. A row with no prompt (the batch
+ended early on the vision budget, or the stream ended) is one pad token in its last column with attention 1,
+so that every row keeps generation's layout; its truth is -1/NaN (task -1), its question None, its id "".
+
 `BatchIterDataset` runs this in the main process after the per-example work (Grain workers), with a
 checkpointable state and counters of what was skipped, truncated or dropped, per reason. A stream that
 yields no usable record for a bounded number of reads stops with `NoUsableRecordError`, naming the most
@@ -71,6 +85,11 @@ WARN_EVERY = 1000
 # "uint8": the batch carries the resized image's levels and their table; the vision tower normalises on the
 # device (`VisionInputs.pixel_levels`), to the same values as "float32" at a quarter of the bytes.
 PIXEL_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16), "uint8": np.dtype(np.uint8)}
+# Prompt batches: the ground truth of each row, as the fields of `eemo_jax.rl.rewards.GroundTruth` (name:
+# dtype, value where absent, shape per row), and the keys that go to the device (the rest stays on the host).
+TRUTH_FIELDS = {"task": (np.int32, -1, ()), "choice": (np.int32, -1, ()), "option_set": (np.int32, -1, ()),
+                "emotion": (np.int32, -1, ()), "ranking": (np.int32, -1, (3,)), "score": (np.float32, np.nan, ())}
+PROMPT_DEVICE_KEYS = ("input_ids", "attention_mask", "position_ids", "rope_deltas", "vision")
 _COUNTERS_KEY = "pipeline_counters"  # marks the batcher's entry in a (nested) Grain iterator state
 _MAX_MESSAGES = 8
 
@@ -81,15 +100,17 @@ _MAX_MESSAGES = 8
 
 
 def example(record_id: str, *, input_ids, labels, position_ids, rope_delta: int, patches, image_grid_thw,
-            frame_slots, ces_label: int = IGNORE_INDEX, des_target=None, truncated: bool = False) -> dict[str, Any]:
+            frame_slots, ces_label: int = IGNORE_INDEX, des_target=None, truncated: bool = False,
+            truth: dict[str, Any] | None = None, question: Any = None) -> dict[str, Any]:
   """One tokenised example, as a dict of numpy arrays (Grain moves those through shared memory).
 
   input_ids, labels: (n,) int32; position_ids: (3, n) int32; patches: (patches, C, P, P) uint8, the resized
   images' patches in `pixel_values` row order, normalised only when the batch is assembled (an eighth of
   the bytes of float32 pixel_values with their temporal copy to move between processes);
   image_grid_thw: (images, 3); frame_slots: (frames,) slots each frame takes in the vision layout.
+  truth, question: a prompt's ground truth (one value per `TRUTH_FIELDS` key) and its parser `Question`.
   """
-  return {
+  item = {
       "id": record_id, "outcome": "truncated" if truncated else "ok", "message": "",
       "input_ids": np.asarray(input_ids, np.int32), "labels": np.asarray(labels, np.int32),
       "position_ids": np.asarray(position_ids, np.int32), "rope_delta": int(rope_delta),
@@ -99,6 +120,10 @@ def example(record_id: str, *, input_ids, labels, position_ids, rope_delta: int,
       "des_target": np.zeros((DES_DIM,), np.float32) if des_target is None else np.asarray(des_target, np.float32),
       "des_mask": des_target is not None,
   }
+  if truth is not None:
+    item["truth"] = {k: np.asarray(truth[k], TRUTH_FIELDS[k][0]) for k in TRUTH_FIELDS}
+    item["question"] = question
+  return item
 
 
 def rejected(outcome: str, error: RecordError) -> dict[str, Any]:
@@ -159,10 +184,15 @@ class BatchLayout:
   image_mean: tuple[float, ...] = CLIP_MEAN
   image_std: tuple[float, ...] = CLIP_STD
   pixel_dtype: str = "float32"  # or "bfloat16", "uint8" (PIXEL_DTYPES)
+  prompt_only: bool = False  # generation prompts: one per row, left-padded, with their truth (module docstring)
   patch_size: int = 14
   temporal_patch_size: int = 2
   merge_size: int = 2
   window_size: int = 112
+
+  def __post_init__(self):
+    if self.prompt_only and self.packing:
+      raise ValueError("prompt_only batches hold one left-padded prompt per row; packing cannot be used with them")
 
   @property
   def vision_config(self) -> VisionConfig:
@@ -214,6 +244,8 @@ class BatchBuilder:
 
   def assemble(self) -> dict[str, Any]:
     """The batch as numpy arrays (shapes in the module docstring)."""
+    if self.layout.prompt_only:
+      return self._assemble_prompts()
     lay = self.layout
     b, length = lay.batch_size, lay.seq_len
     batch = {
@@ -244,6 +276,36 @@ class BatchBuilder:
         batch["des_target"][r] = row[0]["des_target"]
         batch["des_mask"][r] = row[0]["des_mask"]
     batch["vision"] = _vision_inputs(patches, grids, lay)
+    return batch
+
+  def _assemble_prompts(self) -> dict[str, Any]:
+    """Left-padded prompt rows with their truth; an empty row is one pad token at the end (attention 1)."""
+    lay = self.layout
+    b, length = lay.batch_size, lay.seq_len
+    batch = {
+        "input_ids": np.full((b, length), lay.pad_id, np.int32),
+        "attention_mask": np.zeros((b, length), np.int32),
+        "position_ids": np.zeros((3, b, length), np.int32),  # padding positions 0, as get_rope_index
+        "rope_deltas": np.zeros((b, 1), np.int32),
+        **{f"truth_{k}": np.full((b, *shape), absent, dtype) for k, (dtype, absent, shape) in TRUTH_FIELDS.items()},
+    }
+    # Generation continues from the last column, so it must be real in every row (`eemo_jax.generate`).
+    batch["attention_mask"][:, -1] = 1
+    questions, ids = [None] * b, [""] * b
+    patches, grids = [], []
+    for r, (ex,) in enumerate(self.rows):  # one prompt per row (no packing)
+      span = slice(length - len(ex["input_ids"]), length)
+      batch["input_ids"][r, span] = ex["input_ids"]
+      batch["attention_mask"][r, span] = 1
+      batch["position_ids"][:, r, span] = ex["position_ids"]
+      batch["rope_deltas"][r, 0] = ex["rope_delta"]  # max position + 1 - real tokens: padding does not change it
+      for key in TRUTH_FIELDS:
+        batch[f"truth_{key}"][r] = ex["truth"][key]
+      questions[r], ids[r] = ex["question"], ex["id"]
+      patches.append(ex["patches"])
+      grids.append(ex["image_grid_thw"])
+    batch["vision"] = _vision_inputs(patches, grids, lay)
+    batch["questions"], batch["ids"] = questions, ids
     return batch
 
 

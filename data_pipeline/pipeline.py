@@ -8,6 +8,10 @@
     skip_counts(it)                           # records not used so far, per reason (for the training log)
     state = it.get_state(); it.set_state(state)   # or grain.checkpoint via Orbax (train/checkpointing.py)
 
+    # GRPO: prompt-only, left-padded generation batches that carry each record's ground truth
+    it = make_iterator(dataclasses.replace(config, prompt_only=True), mesh=mesh)
+    prompts = to_prompt_batch(next(it))       # .inputs (ModelInputs) for the rollout, .truth / .questions / .ids
+
 Stages (DESIGN decisions 5, 6, 11):
 
   random-access source (ArrayRecord)  -> seeded shuffle, reshuffled every epoch -> repeat
@@ -22,6 +26,13 @@ Stages (DESIGN decisions 5, 6, 11):
   -> optional microbatch stacking -> host prefetch -> global arrays on the mesh (batch axis over
      `data` x `fsdp`, `jax.make_array_from_process_local_data`) -> device prefetch
 
+With `prompt_only` (GRPO), an example is the task's prompt without its answer, ending in the generation cue
+`<|im_start|>assistant\n`: what the model sees when it generates. A prompt longer than `seq_len` (the prompt
+bucket) is dropped as overlong, never cut (`overlong` does not apply); batches are left-padded, one prompt
+per row, and carry each record's ground truth (`eemo_jax.rl.rewards.GroundTruth` fields as `truth_*` arrays)
+and its parser `Question` (`batching.py` has the layout). Only the model inputs go to the devices; the truth,
+questions and record ids stay on the host, where completions are parsed and scored (`to_prompt_batch`).
+
 Worker-side code imports numpy, PIL, tokenizers and the host halves of the model (positions) only.
 """
 
@@ -33,15 +44,16 @@ import math
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grain
 import numpy as np
 from PIL import Image
 
 from data_pipeline import prompts, tasks
-from data_pipeline.batching import (MAX_UNUSABLE_AT_START, MAX_UNUSABLE_IN_A_ROW, PIXEL_DTYPES, BatchIterDataset,
-                                    BatchLayout, Counters, empty_batch, example, find_counters, rejected)
+from data_pipeline.batching import (MAX_UNUSABLE_AT_START, MAX_UNUSABLE_IN_A_ROW, PIXEL_DTYPES, PROMPT_DEVICE_KEYS,
+                                    TRUTH_FIELDS, BatchIterDataset, BatchLayout, Counters, empty_batch, example,
+                                    find_counters, rejected)
 from data_pipeline.errors import (CorruptImageError, DatasetError, ImagesOverBudgetError, ImageTooLargeError,
                                   InvalidFieldError, MissingFileError, OverlongRecordError, RecordError)
 from data_pipeline.image_processor import (DEFAULT_MIN_PIXELS, ImageProcessorConfig, PixelLimitError, _to_rgb,
@@ -49,6 +61,11 @@ from data_pipeline.image_processor import (DEFAULT_MIN_PIXELS, ImageProcessorCon
 from data_pipeline.records import VAD_TASKS, answer_body
 from data_pipeline.tokenizer import TextTokenizer, load_tokenizer
 from eemo_jax.model import positions
+
+if TYPE_CHECKING:  # eemo_jax.rl imports data_pipeline.tasks; these are imported where they are used
+  from eemo_jax.model.qwen25vl import ModelInputs
+  from eemo_jax.rl.parsing import Question
+  from eemo_jax.rl.rewards import GroundTruth
 
 EMOVERSE_MAX_PIXELS = 200704  # 256 * 28 * 28, EmoVerse's `emo_200704` SFT data (papers.md §2.3)
 TYPICAL_ASPECT = 4  # frame_budget's default holds any image up to this aspect ratio at max_pixels
@@ -94,6 +111,7 @@ class PipelineConfig:
   #                               "uint8" ships levels, normalised on the device to the float32 values
   strict: bool = False  # any record that yields no row (bad, too long, too large) stops the run with its RecordError
   #                       instead of being skipped and counted; truncation (overlong="truncate") is not a skip
+  prompt_only: bool = False  # GRPO prompts: no answer, generation cue, left-padded, truth per row (module docstring)
   max_image_pixels: int | None = None  # images with more pixels are skipped from their header, never decoded
   max_unusable_at_start: int = MAX_UNUSABLE_AT_START  # none of the first this many records usable: stop
   max_unusable_in_a_row: int = MAX_UNUSABLE_IN_A_ROW  # later, this many unusable in a row: stop
@@ -109,6 +127,13 @@ class PipelineConfig:
       raise ValueError(f"pixel_dtype must be one of {sorted(PIXEL_DTYPES)}, got {self.pixel_dtype!r}")
     if self.overlong not in ("truncate", "drop"):
       raise ValueError(f"overlong must be 'truncate' or 'drop', got {self.overlong!r}")
+    if self.prompt_only and self.packing:
+      raise ValueError("prompt_only=True makes left-padded generation prompts, one per row, and cannot pack them: "
+                       "set packing=False (data.packing)")
+    if self.prompt_only and self.microbatches:
+      raise ValueError(f"prompt_only=True makes whole generation batches, which are not stacked into microbatches "
+                       f"(got microbatches={self.microbatches}): set microbatches=0; the GRPO step splits the "
+                       "completions into micro-batches itself")
     for name in ("seq_len", "batch_size", "min_pixels", "max_pixels", "patch_size", "temporal_patch_size",
                  "merge_size", "window_size", "max_unusable_at_start", "max_unusable_in_a_row"):
       if int(getattr(self, name)) < 1:
@@ -183,14 +208,29 @@ def _largest_typical_frame(config: PipelineConfig) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class TaskPrompt:
-  """A record as one SFT conversation, and the targets of the emotion heads (if the record has them)."""
+  """A record as one conversation, and the targets of the emotion heads (if the record has them).
+
+  `messages` end with the assistant's answer (SFT), or without it when the task is asked `prompt_only`.
+  `truth_record` is the record the prompt builder read (a `data_pipeline.tasks` record dict): GRPO reads the
+  ground truth (`rewards.GroundTruth.from_records`) and the parser's `Question` from it, so that the rewards
+  compare an answer with the options and labels the model was shown.
+  """
   messages: list[dict]
   ces_label: int = prompts.IGNORE_INDEX
   des_target: np.ndarray | None = None
+  truth_record: Mapping[str, Any] | None = None
 
 
-# image_hw / resized_hw: (height, width) of each image as stored and as the processor resized it.
-TaskFn = Callable[[Mapping[str, Any], list[tuple[int, int]], list[tuple[int, int]]], TaskPrompt]
+# (features, image_hw, resized_hw, *, prompt_only=False) -> TaskPrompt. image_hw / resized_hw: (height, width)
+# of each image as stored and as the processor resized it.
+TaskFn = Callable[..., TaskPrompt]
+
+# The system message of GRPO prompts for EEmo-Logic tasks. Its Stage 1 (SFT) trained under the chat template's
+# default "You are a helpful assistant." (papers.md §3.4), which SFT prompts keep; its Stage 2 (GRPO) trainer
+# sets "You are an emotion analysis expert." (§3.5), with the task wrapped in the <think>/<answer> format of
+# its inference prompts (§3.3), so GRPO prompts use that. EmoVerse has no GRPO stage: its prompts are the SFT
+# ones, under the default system message.
+GRPO_SYSTEM_MESSAGE = tasks.EEMO_SYSTEM_MESSAGE
 
 
 def _emoverse_heads(features, messages) -> TaskPrompt:
@@ -206,48 +246,75 @@ def _emoverse_record(features) -> dict:
           "bbox": np.asarray(features["boxes"]).reshape(-1, 4).tolist()}
 
 
-def _emoverse_ces(features, image_hw, resized_hw) -> TaskPrompt:
-  return _emoverse_heads(features, tasks.ces_messages(_emoverse_record(features)))
+def _emoverse_ces(features, image_hw, resized_hw, *, prompt_only: bool = False) -> TaskPrompt:
+  record = _emoverse_record(features)
+  prompt = _emoverse_heads(features, tasks.ces_messages(record, with_answer=not prompt_only))
+  return dataclasses.replace(prompt, truth_record=record)
 
 
-def _emoverse_bas(features, image_hw, resized_hw) -> TaskPrompt:
-  messages = tasks.bas_messages(_emoverse_record(features), image_hw=image_hw[0], resized_hw=resized_hw[0])
-  return _emoverse_heads(features, messages)
+# B-A-S and DES answers (a dict of description, emotion, background, attribute, subject, intensity and box)
+# have no reward in eemo_jax.rl.rewards: their GRPO rows are kept, with the truth of an open-ended question
+# (task open_ended, every label -1/NaN), so every emotion reward is NaN (unscorable) on them.
+def _open_ended_truth(features) -> dict:
+  return {"id": features["id"], "task": "open_ended"}
 
 
-def _emoverse_des(features, image_hw, resized_hw) -> TaskPrompt:
-  messages = tasks.des_messages(_emoverse_record(features), image_hw=image_hw[0], resized_hw=resized_hw[0])
-  return _emoverse_heads(features, messages)
+def _emoverse_bas(features, image_hw, resized_hw, *, prompt_only: bool = False) -> TaskPrompt:
+  messages = tasks.bas_messages(_emoverse_record(features), image_hw=image_hw[0], resized_hw=resized_hw[0],
+                                with_answer=not prompt_only)
+  return dataclasses.replace(_emoverse_heads(features, messages), truth_record=_open_ended_truth(features))
 
 
-def _eemo_qa(features, image_hw, resized_hw) -> TaskPrompt:
-  """EEmo-Logic Stage 1: the released question and answer, verbatim, behind the images."""
+def _emoverse_des(features, image_hw, resized_hw, *, prompt_only: bool = False) -> TaskPrompt:
+  messages = tasks.des_messages(_emoverse_record(features), image_hw=image_hw[0], resized_hw=resized_hw[0],
+                                with_answer=not prompt_only)
+  return dataclasses.replace(_emoverse_heads(features, messages), truth_record=_open_ended_truth(features))
+
+
+def _eemo_qa(features, image_hw, resized_hw, *, prompt_only: bool = False) -> TaskPrompt:
+  """EEmo-Logic Stage 1: the released question and answer, verbatim, behind the images.
+
+  As a GRPO prompt: the released question verbatim under the Stage-2 system message; the truth is the
+  record's labels, as `eemo_tasks` reads them.
+  """
   user = [{"type": "image"} for _ in image_hw] + [{"type": "text", "text": features["question"]}]
-  return TaskPrompt([{"role": "user", "content": user}, {"role": "assistant", "content": features["answer"]}])
+  if prompt_only:
+    messages = [{"role": "system", "content": GRPO_SYSTEM_MESSAGE}, {"role": "user", "content": user}]
+  else:
+    messages = [{"role": "user", "content": user}, {"role": "assistant", "content": features["answer"]}]
+  return TaskPrompt(messages, truth_record=_eemo_record(features, len(image_hw)))
 
 
 _THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
 
 
-def _eemo_tasks(features, image_hw, resized_hw) -> TaskPrompt:
-  """The `<think>…</think><answer>Key: value</answer>` format of `tasks.eemo_messages`."""
+def _eemo_record(features, num_images: int) -> dict:
+  """Stored EEmo features as the record dict `tasks.eemo_messages` reads: the structured labels where the
+  record has them, else the released answer's body. Options and option sets are passed as stored, so the
+  prompt lists them as `tasks.answer_options` (and the answer parser, `parsing.question`) reads them."""
   task, options, letter = features["task"], list(features["options"]), features["choice"]
-  record = {"id": features["id"], "task": task, "question": features["question"], "num_images": len(image_hw)}
+  record = {"id": features["id"], "task": task, "question": features["question"], "num_images": num_images}
   think = _THINK.search(features["answer"])
   record["think"] = think.group(1).strip() if think else ""
-  if task == "yes_no":  # tasks.py letters yes/no itself (A: No, B: Yes): pass the option's text
-    record["answer"] = options["ABCDEFGH".index(letter)] if options and letter else answer_body(features["answer"])
-  elif task == "multiple_choice":
+  if task in ("yes_no", "multiple_choice"):
     record.update(options=options, answer=letter or answer_body(features["answer"]))
-  elif task == "dominant_emotion":
-    record.update(options=features["option_set"] or None, answer=features["emotion"])
-  elif task == "emotion_ranking":
-    record["answer"] = list(features["ranking"])
+  elif task in ("dominant_emotion", "emotion_ranking"):
+    label = features["emotion"] if task == "dominant_emotion" else list(features["ranking"])
+    record.update(options=options or features["option_set"] or None, answer=label)
   elif task in VAD_TASKS:
     record["answer"] = float(np.asarray(features["scores"])[VAD_TASKS.index(task)])
   else:
     record["answer"] = answer_body(features["answer"])
-  return TaskPrompt(tasks.eemo_messages(record))
+  return record
+
+
+def _eemo_tasks(features, image_hw, resized_hw, *, prompt_only: bool = False) -> TaskPrompt:
+  """The `<think>…</think><answer>Key: value</answer>` format of `tasks.eemo_messages`; as a GRPO prompt,
+  under the Stage-2 system message (`GRPO_SYSTEM_MESSAGE`)."""
+  record = _eemo_record(features, len(image_hw))
+  if prompt_only:
+    return TaskPrompt(tasks.eemo_messages(record, with_answer=False, system=GRPO_SYSTEM_MESSAGE), truth_record=record)
+  return TaskPrompt(tasks.eemo_messages(record), truth_record=record)
 
 
 TASKS: dict[str, TaskFn] = {
@@ -293,9 +360,18 @@ class ExampleMaker(grain.transforms.Map):
     processed = [self._preprocess(record_id, field, value) for field, value in record_images(features)]
     grids = np.asarray([grid for _, grid in processed], np.int64).reshape(-1, 3)  # (images, 3)
     resized_hw = [(int(g[1]) * cfg.patch_size, int(g[2]) * cfg.patch_size) for g in grids]
-    prompt = self.task(features, stored_image_sizes(features, len(processed)), resized_hw)
-    chat = prompts.encode_chat(prompt.messages, self.tokenizer, grids, merge_size=cfg.merge_size, train=True)
-    fitted = self._fit_to_seq_len(record_id, chat.input_ids, chat.labels)
+    prompt = self.task(features, stored_image_sizes(features, len(processed)), resized_hw,
+                       prompt_only=cfg.prompt_only)
+    truth = {}
+    if cfg.prompt_only:
+      question, values = ground_truth(prompt.truth_record)
+      truth = {"truth": values, "question": question}
+      chat = prompts.encode_chat(prompt.messages, self.tokenizer, grids, merge_size=cfg.merge_size,
+                                 add_generation_prompt=True)
+      fitted = self._prompt_within_seq_len(record_id, chat.input_ids, chat.labels)
+    else:
+      chat = prompts.encode_chat(prompt.messages, self.tokenizer, grids, merge_size=cfg.merge_size, train=True)
+      fitted = self._fit_to_seq_len(record_id, chat.input_ids, chat.labels)
     if isinstance(fitted, dict):
       return fitted
     ids, labels = fitted
@@ -313,7 +389,18 @@ class ExampleMaker(grain.transforms.Map):
     return example(record_id, input_ids=ids, labels=labels, position_ids=position_ids[:, 0],
                    rope_delta=int(deltas[0, 0]), patches=np.concatenate([u8 for u8, _ in processed] or [empty]),
                    image_grid_thw=grids, frame_slots=frame_slots, ces_label=prompt.ces_label,
-                   des_target=prompt.des_target, truncated=len(ids) < len(chat.input_ids))
+                   des_target=prompt.des_target, truncated=len(ids) < len(chat.input_ids), **truth)
+
+  def _prompt_within_seq_len(self, record_id: str, ids: np.ndarray, labels: np.ndarray):
+    """(ids, labels) of a generation prompt that fits seq_len, or a `rejected` dict: a prompt is never cut
+    (the model would answer a question it was not asked), whatever `overlong` says."""
+    seq_len = self.config.seq_len
+    if len(ids) <= seq_len:
+      return ids, labels
+    return rejected("dropped_overlong", OverlongRecordError(
+        record_id, "<text>", f"its generation prompt has {len(ids)} tokens, more than data.seq_len={seq_len} (the "
+        "prompt bucket); prompts are never cut", f"raise data.seq_len to at least {len(ids)}, or lower "
+        "data.max_pixels (fewer image tokens)", size=len(ids), limit=seq_len))
 
   def _fit_to_seq_len(self, record_id: str, ids: np.ndarray, labels: np.ndarray):
     """(ids, labels) within seq_len (cut at the end with overlong="truncate"), or a `rejected` dict."""
@@ -357,6 +444,17 @@ class ExampleMaker(grain.transforms.Map):
     except ValueError as error:
       raise CorruptImageError(record_id, field, str(error), "re-encode or replace the image, or remove the "
                               "record, and rebuild the data set") from None
+
+
+def ground_truth(record: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
+  """(`parsing.Question`, {GroundTruth field: this record's value}) of a task's truth record.
+
+  `rewards.GroundTruth.from_records` and `parsing.question` themselves, so that the pipeline and the rewards
+  cannot read a record differently; a record they cannot read raises its `RecordError` (the record is skipped).
+  """
+  from eemo_jax.rl import parsing, rewards  # eemo_jax.rl imports data_pipeline.tasks: imported here, not above
+  truth = rewards.GroundTruth.from_records([record])
+  return parsing.question(record), {field: np.asarray(getattr(truth, field))[0] for field in TRUTH_FIELDS}
 
 
 def image_patches(image, config: ImageProcessorConfig,
@@ -417,7 +515,7 @@ def batch_layout(config: PipelineConfig, tokenizer: TextTokenizer | None = None)
   patch, frame = vision_budgets(config)
   return BatchLayout(batch_size=config.batch_size, seq_len=config.seq_len, patch_budget=patch, frame_budget=frame,
                      pad_id=tokenizer.special.pad if tokenizer is not None else 0, packing=config.packing,
-                     pixel_dtype=config.pixel_dtype,
+                     pixel_dtype=config.pixel_dtype, prompt_only=config.prompt_only,
                      patch_size=config.patch_size, temporal_patch_size=config.temporal_patch_size,
                      merge_size=config.merge_size, window_size=config.window_size)
 
@@ -593,10 +691,15 @@ def abstract_batch(config: PipelineConfig, tokenizer: TextTokenizer | None = Non
 
   With several JAX processes each contributes its own rows and its own vision layout, concatenated along
   the row / slot axis; the vision inputs then say how many groups they hold (`VisionInputs.groups`).
+  With `prompt_only`, the arrays that go to the device (`PROMPT_DEVICE_KEYS`, the rollout's `ModelInputs`);
+  the truth, questions and ids stay on the host.
   """
   import jax
   processes = jax.process_count() if process_count is None else process_count
-  batch = _with_groups(empty_batch(batch_layout(config, tokenizer)), processes)
+  batch = empty_batch(batch_layout(config, tokenizer))
+  if config.prompt_only:
+    batch = {key: batch[key] for key in PROMPT_DEVICE_KEYS}
+  batch = _with_groups(batch, processes)
   lead = (config.microbatches,) if config.microbatches else ()
 
   def spec(path, x):
@@ -616,20 +719,60 @@ def _with_groups(batch: dict[str, Any], groups: int) -> dict[str, Any]:
 def to_train_batch(batch: Mapping[str, Any]):
   """The SFT step's `Batch` (eemo_jax.train.step) of a pipeline batch; rope_deltas are for generation."""
   from eemo_jax.train.step import Batch
+  if "labels" not in batch:
+    raise ValueError("this is a prompt batch (PipelineConfig.prompt_only=True), which has no labels to train on: "
+                     "use to_prompt_batch for GRPO, or set prompt_only=False (data.prompt_only) for SFT")
   return Batch(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
                position_ids=batch["position_ids"], vision=batch["vision"], ces_label=batch["ces_label"],
                des_target=batch["des_target"], des_mask=batch["des_mask"])
 
 
+@dataclasses.dataclass(frozen=True)
+class PromptBatch:
+  """A GRPO generation batch: B left-padded prompts for the rollout, and what the rewards compare with.
+
+  inputs     `ModelInputs` of the prompts (on the mesh when the iterator has one): the rollout's input
+  truth      `rewards.GroundTruth` of the B rows, host numpy arrays (-1 / NaN where a row has no such label)
+  questions  each row's `parsing.Question` (its task and the options it offered), for parsing completions
+  ids        each row's record id, for the completion-sample log
+  A row without a prompt (`real_rows` False) has truth task -1, question None and id "": drop or mask its
+  completions (its emotion rewards are NaN, but a format reward still scores every row).
+  With several JAX processes, `inputs` hold every process's rows and the rest this process's only.
+  """
+  inputs: ModelInputs
+  truth: GroundTruth
+  questions: list[Question | None]
+  ids: list[str]
+
+  @property
+  def real_rows(self) -> np.ndarray:
+    """(B,) bool: the rows that hold a prompt."""
+    return np.asarray(self.truth.task) >= 0
+
+
+def to_prompt_batch(batch: Mapping[str, Any]) -> PromptBatch:
+  """The `PromptBatch` of a pipeline batch made with `prompt_only=True`."""
+  from eemo_jax.model.qwen25vl import ModelInputs
+  from eemo_jax.rl.rewards import GroundTruth
+  if "truth_task" not in batch:
+    raise ValueError("this is an SFT batch: make GRPO prompt batches with PipelineConfig(prompt_only=True) "
+                     "(data.prompt_only=True)")
+  inputs = ModelInputs(**{key: batch[key] for key in PROMPT_DEVICE_KEYS})
+  truth = GroundTruth(**{field: batch[f"truth_{field}"] for field in TRUTH_FIELDS})
+  return PromptBatch(inputs=inputs, truth=truth, questions=list(batch["questions"]), ids=list(batch["ids"]))
+
+
 def batch_shardings(batch: Mapping[str, Any], mesh) -> dict[str, Any]:
-  """NamedShardings of a (possibly stacked) pipeline batch: the train step's, batch axis over data x fsdp."""
+  """NamedShardings of the device arrays of a (possibly stacked) pipeline batch: the train step's, batch axis
+  over data x fsdp. A prompt batch's arrays are sharded as the same fields of an SFT batch."""
   from jax.sharding import NamedSharding
 
   from eemo_jax.parallel.sharding import spec_for
   from eemo_jax.train import step
   stacked = batch["position_ids"].ndim == 4  # (microbatches, 3, batch, seq)
-  train = step.batch_shardings(to_train_batch(batch), mesh, stacked=stacked)
-  shardings = {f.name: getattr(train, f.name) for f in dataclasses.fields(train)}
+  fields = {f.name: batch.get(f.name) for f in dataclasses.fields(step.Batch)}  # a prompt batch has no labels
+  train = step.batch_shardings(step.Batch(**fields), mesh, stacked=stacked)
+  shardings = {name: getattr(train, name) for name in fields if name in batch}
   lead = (None,) if stacked else ()
   deltas = batch["rope_deltas"]
   shardings["rope_deltas"] = NamedSharding(mesh, spec_for(lead + ("act_batch", None), deltas.shape, mesh))
@@ -637,7 +780,10 @@ def batch_shardings(batch: Mapping[str, Any], mesh) -> dict[str, Any]:
 
 
 def _global_arrays(batch: dict[str, Any], shardings: dict[str, Any]) -> dict[str, Any]:
-  """Process-local numpy batch -> global arrays; each process's images stay one vision group."""
+  """Process-local numpy batch -> global arrays for the keys in `shardings`; each process's images stay one
+  vision group. Other keys (a prompt batch's truth, questions and ids) stay as they are, on the host."""
   import jax
   batch = _with_groups(batch, jax.process_count())
-  return jax.tree.map(lambda x, s: jax.make_array_from_process_local_data(s, x), batch, shardings)
+  placed = {key: jax.tree.map(lambda x, s: jax.make_array_from_process_local_data(s, x), batch[key], sharding)
+            for key, sharding in shardings.items()}
+  return {**batch, **placed}

@@ -66,6 +66,8 @@ class RecordSource:
     return len(self._source)
 
   def __getitem__(self, index: int) -> dict[str, Any]:
+    if not 0 <= index < len(self):  # an IndexError ends plain iteration (`for record in source`)
+      raise IndexError(f"record {index} of a split with {len(self)} records")
     return self._decode(self._source[index])
 
   def __getitems__(self, indices) -> list[dict[str, Any]]:

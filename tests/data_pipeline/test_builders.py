@@ -50,6 +50,9 @@ def test_synthetic_emoverse_build_reads_back_as_generated(tmp_path):
     assert features["des"].shape == (DES_DIM,) and features["boxes"].dtype == np.int32
     expected = {r.id: r for r in (synthetic_emoverse_record(5, i, split) for i in indices)}
     assert _by_id(source) == expected
+    assert [f["id"] for f in source] == [source[i]["id"] for i in range(len(source))]  # plain iteration ends
+    with pytest.raises(IndexError):
+      source[len(source)]
 
   again = build("synthetic", tmp_path, config="emoverse", seed=5, num_train=12, num_test=4)
   assert again.reused and again.written == report.written
