@@ -12,6 +12,7 @@ Not a recipe itself. Sections map onto the library's config types:
   mesh       device mesh sizes over (data, fsdp, tensor); -1 takes the remaining devices
   rules      logical axis -> mesh axis (eemo_jax.parallel.sharding.DEFAULT_RULES)
   train      run directory, length, seeds, logging, checkpoints, export
+  grpo       `eemo-jax grpo` only: group size, sampling, the policy loss (TRL 1.16's options), the rewards
   aot        ahead-of-time compile target for `eemo-jax aot`
 """
 
@@ -81,6 +82,27 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
       export_overwrite=False,  # replace a non-empty export_dir this run did not write (else refused at the start)
       allow_config_changes=False,  # resume with a changed model/optimizer/batch/data config (recorded in the run)
       peak_flops=0.0,  # per-device peak FLOP/s for MFU; 0: the vendor figure of known TPUs/GPUs
+  )
+  # GRPO (`eemo-jax grpo`; eemo_jax.rl). train.global_batch_size counts the completions of an optimizer step
+  # (prompts x num_generations), split into optimizer.accum_steps micro-batches of whole prompt groups.
+  c.grpo = dict(
+      num_generations=8,  # G completions per prompt
+      max_completion_length=256,  # T, the rollout's static completion length
+      temperature=1.0, top_k=0, top_p=1.0,  # sampling; the log-probs are of softmax(logits / temperature)
+      num_iterations=1,  # optimizer steps per rollout (> 1: the rollout's log-probs are the old policy's)
+      loss_type="dapo",  # grpo | bnpo | dr_grpo | dapo (rl.policy_loss; TRL 1.16's default)
+      epsilon_low=0.2,
+      epsilon_high=0.0,  # 0: epsilon_low
+      delta=0.0,  # upper bound of the unclipped ratio (two-sided clipping); 0: none
+      beta=0.0,  # KL weight to the reference policy (LoRA: the adapters switched off; else the initial weights)
+      use_bias_correction_kl=True,  # k3 KL weighted by the importance ratio (TRL); False: the plain k3 term
+      importance_sampling_level="token",  # token | sequence (GSPO)
+      scale_rewards="group",  # group | batch | none
+      aggregation="sum_then_normalize",  # | normalize_then_sum
+      mask_truncated_completions=False,
+      rewards=(("format", 1.0), ("eemo_task", 1.0)),  # (name, weight[, options]) of eemo_jax.rl.rewards.REWARDS
+      sample_every=10,  # steps between completion samples written to samples.jsonl; 0: none
+      sample_rows=8,  # completions written each time
   )
   c.aot = dict(topology="v5e:4x4", batch_size=0)  # batch_size 0: global_batch_size / accum_steps
   c = ml_collections.ConfigDict(c)

@@ -15,11 +15,12 @@ COMMANDS = {
     "export-hf": ("eemo_jax.hf.convert", "Orbax checkpoint -> HF folder (loads with transformers)"),
     "parity": ("eemo_jax.commands.parity", "per-component differences against transformers"),
     "train": ("eemo_jax.commands.train", "run or resume an SFT run from a config (the same command on every host)"),
+    "grpo": ("eemo_jax.commands.grpo", "run or resume a GRPO run from a config (the same command on every host)"),
     "aot": ("eemo_jax.commands.aot", "compile a config's train step for a TPU topology; per-device memory and cost"),
 }
 
 
-CONFIG_COMMANDS = ("train", "aot")  # take --config.key=value overrides
+CONFIG_COMMANDS = ("train", "grpo", "aot")  # take --config.key=value overrides
 
 
 def main(argv: list[str] | None = None) -> int:

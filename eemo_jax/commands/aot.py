@@ -3,7 +3,10 @@
 Compiles the config's SFT step (model, head, LoRA, freezing, optimizer, batch shapes and shardings
 exactly as `eemo-jax train` builds them) for a TPU topology on this machine, with libtpu and no TPU,
 and prints per-device memory against the chip's HBM and the compiler's cost estimate. Nothing is
-allocated: the train state and the batch are abstract. Needs the `tpu` extra (`pip install
+allocated: the train state and the batch are abstract. For a GRPO config (`data.prompt_only`) it
+compiles the two programs of `eemo-jax grpo` instead: the rollout of one micro-batch of prompts (vision,
+prefill, the repeated cache and the decode loop) and the update step (every micro-batch's policy forward
+and backward, and the optimizer), and reports both. Needs the `tpu` extra (`pip install
 'eemo-jax[tpu]'`, which pins the libtpu matching jax).
 """
 
@@ -46,6 +49,8 @@ class AotReport:
   compiler_flops: float | None
   analytic_flops: float | None
   compile_seconds: float
+
+  program: str = "train step"
 
   @property
   def total_bytes(self) -> int:
@@ -123,6 +128,119 @@ def sft_step_parts(config, devices, batch_size: int | None = None) -> SftStepPar
                       mesh=mesh, rules=tuple(tuple(r) for r in config.rules), tokenizer=tokenizer)
 
 
+def _compile(lowered, topology: str, devices, mesh, program: str = "train step"):
+  """(compiled, seconds), or DoesNotFit when XLA refuses a program that cannot fit the device memory."""
+  started = time.time()
+  try:
+    compiled = lowered.compile()
+  except Exception as error:  # XLA refuses programs that cannot fit: report that as the answer
+    if "RESOURCE_EXHAUSTED" not in str(error):
+      raise
+    raise DoesNotFit(f"{program}: topology {topology}: {len(devices)} x {devices[0].device_kind}, mesh "
+                     f"{dict(mesh.shape)}: the compiler reports {str(error).splitlines()[0]}") from None
+  return compiled, time.time() - started
+
+
+def _report(compiled, seconds, topology, devices, mesh, analytic_flops, program) -> AotReport:
+  memory = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  kind = devices[0].device_kind
+  return AotReport(
+      topology=topology, device_kind=kind, num_devices=len(devices), mesh=dict(mesh.shape),
+      argument_bytes=int(memory.argument_size_in_bytes), output_bytes=int(memory.output_size_in_bytes),
+      alias_bytes=int(memory.alias_size_in_bytes), temp_bytes=int(memory.temp_size_in_bytes),
+      code_bytes=int(memory.generated_code_size_in_bytes),
+      hbm_bytes=next((v for k, v in HBM_BYTES.items() if kind == k), None),
+      compiler_flops=float(cost.get("flops", 0.0)) if cost else None, analytic_flops=analytic_flops,
+      compile_seconds=seconds, program=program)
+
+
+def compile_grpo_for_topology(config, topology: str) -> list[AotReport]:
+  """The rollout and the update step of `eemo-jax grpo` for one micro-batch of prompts, compiled for `topology`."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+
+  from data_pipeline.pipeline import abstract_batch
+  from eemo_jax.model.qwen25vl import ModelInputs
+  from eemo_jax.parallel.sharding import make_mesh, state_shardings
+  from eemo_jax.rl import run as grpolib
+  from eemo_jax.rl.logprobs import GroupBatch
+  from eemo_jax.rl.rollout import input_shardings, make_rollout_fn
+  from eemo_jax.rl.step import UpdateBatch, jit_grpo_step, make_grpo_step, policy_of, update_shardings
+  from eemo_jax.train import run as runlib
+  from eemo_jax.train.optimizer import make_optimizer
+  from eemo_jax.train.state import abstract_train_state
+
+  devices = topology_devices(topology)
+  settings = grpolib.grpo_settings(config)
+  loss = grpolib.loss_settings(config, settings)
+  grpolib.check_reference_policy(config, loss)
+  mesh = make_mesh(dict(config.mesh.items()), devices=devices)
+  rules = tuple(tuple(r) for r in config.rules)
+  tokenizer = _tokenizer(config)
+  arch = runlib.model_config(config, tokenizer) if tokenizer is not None else _preset_or_folder(config)
+  g = settings.num_generations
+  pcfg = runlib.pipeline_config(config, arch, examples_per_step=int(config.train.global_batch_size) // g,
+                                stacked=False)
+  if config.aot.batch_size:
+    pcfg = dataclasses.replace(pcfg, batch_size=int(config.aot.batch_size))
+  prompts, accum, steps = pcfg.batch_size, int(config.optimizer.accum_steps), settings.max_completion_length
+  runlib.check_rows_shard(prompts * g, mesh)
+  trainable = runlib.trainable_set(config, has_head=False)
+  optimizer = make_optimizer(dataclasses.replace(runlib.optimizer_settings(config, 1000), accum_steps=1))
+  reports = []
+  with jax.set_mesh(mesh):
+    graphdef, state = abstract_train_state(lambda: runlib.build_model(config, arch, None), optimizer, mesh, rules,
+                                           trainable=trainable, seed=config.train.seed)
+    # The rollout: the policy's state as `eemo-jax grpo` passes it, and one micro-batch of prompts.
+    policy_graphdef, policy_abstract = nnx.split(nnx.eval_shape(lambda: policy_of(runlib.build_model(config, arch,
+                                                                                                        None))))
+    policy_state = jax.tree.map(  # a prefix tree: one sharding per Variable
+        lambda sh, sub: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), sub),
+        state_shardings(policy_abstract, mesh, rules), policy_abstract)
+    batch = abstract_batch(dataclasses.replace(pcfg, prompt_only=True), tokenizer)
+    inputs = ModelInputs(**batch)
+    inputs = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), inputs,
+                          input_shardings(inputs, mesh, rules))
+    rollout = make_rollout_fn(policy_graphdef, mesh, rules, group_size=g, max_completion_length=steps,
+                              temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p)
+    args = (policy_state, inputs, jax.eval_shape(lambda: jax.random.key(0)), np.float32(settings.temperature),
+            np.float32(settings.top_p), np.full((4,), -1, np.int32), np.int32(0))
+    program = f"rollout ({prompts} prompts x {g} completions of {steps} tokens)"
+    compiled, seconds = _compile(rollout.jitted.lower(*args), topology, devices, mesh, program)
+    reports.append(_report(compiled, seconds, topology, devices, mesh, None, program))
+
+    # The update: accum micro-batches of `prompts` groups, as the loop stacks them.
+    rows = prompts * g
+    per_row = jax.ShapeDtypeStruct((accum, rows, steps), jnp.float32)
+    group = GroupBatch(prompt_ids=_stack(inputs.input_ids, accum), prompt_mask=_stack(inputs.attention_mask, accum),
+                       prompt_positions=_stack(inputs.position_ids, accum),
+                       next_positions=jax.ShapeDtypeStruct((accum, 3, prompts), jnp.int32),
+                       completion_ids=jax.ShapeDtypeStruct((accum, rows, steps), jnp.int32),
+                       completion_mask=jax.ShapeDtypeStruct((accum, rows, steps), jnp.int32),
+                       vision=jax.tree.map(lambda a: _stack(a, accum), inputs.vision))
+    update = UpdateBatch(group=group, advantages=jax.ShapeDtypeStruct((accum, rows), jnp.float32), loss_mask=per_row,
+                         old_logp=per_row if settings.num_iterations > 1 else None,
+                         ref_logp=per_row if loss.beta else None)
+    update = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), update,
+                          update_shardings(update, mesh, rules))
+    step = make_grpo_step(graphdef, optimizer, loss=loss, trainable=trainable, mesh=mesh, rules=rules)
+    program = f"update step ({accum} x {rows} completions of {steps} tokens after {pcfg.seq_len}-token prompts)"
+    compiled, seconds = _compile(jit_grpo_step(step, state, update, mesh, rules).lower(state, update), topology,
+                                 devices, mesh, program)
+    reports.append(_report(compiled, seconds, topology, devices, mesh, None, program))
+  return reports
+
+
+def _stack(a, n: int):
+  """The abstract array `a` with a leading micro-batch axis of n (shardings are set afterwards)."""
+  import jax
+  return jax.ShapeDtypeStruct((n,) + tuple(a.shape), a.dtype)
+
+
 def compile_for_topology(config, topology: str) -> AotReport:
   import jax
 
@@ -139,28 +257,10 @@ def compile_for_topology(config, topology: str) -> AotReport:
                                            trainable=parts.trainable, seed=config.train.seed)
     batch = to_train_batch(abstract_batch(parts.pcfg, parts.tokenizer))
     step = parts.train_step(config, graphdef)
-    started = time.time()
-    lowered = jit_train_step(step, state, batch, mesh, rules).lower(state, batch)
-    try:
-      compiled = lowered.compile()
-    except Exception as error:  # XLA refuses programs that cannot fit: report that as the answer
-      if "RESOURCE_EXHAUSTED" not in str(error):
-        raise
-      raise DoesNotFit(f"topology {topology}: {len(devices)} x {devices[0].device_kind}, mesh {dict(mesh.shape)}: "
-                       f"the compiler reports {str(error).splitlines()[0]}") from None
-    seconds = time.time() - started
-  memory = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  kind = devices[0].device_kind
-  return AotReport(
-      topology=topology, device_kind=kind, num_devices=len(devices), mesh=dict(mesh.shape),
-      argument_bytes=int(memory.argument_size_in_bytes), output_bytes=int(memory.output_size_in_bytes),
-      alias_bytes=int(memory.alias_size_in_bytes), temp_bytes=int(memory.temp_size_in_bytes),
-      code_bytes=int(memory.generated_code_size_in_bytes),
-      hbm_bytes=next((v for k, v in HBM_BYTES.items() if kind == k), None),
-      compiler_flops=float(cost.get("flops", 0.0)) if cost else None,
-      analytic_flops=runlib.step_flops(parts.arch, parts.head_cfg, batch, config), compile_seconds=seconds)
+    compiled, seconds = _compile(jit_train_step(step, state, batch, mesh, rules).lower(state, batch), topology,
+                                 devices, mesh)
+  return _report(compiled, seconds, topology, devices, mesh,
+                 runlib.step_flops(parts.arch, parts.head_cfg, batch, config), "train step")
 
 
 def _tokenizer(config):
@@ -185,6 +285,7 @@ def _gib(n: int) -> str:
 
 def describe(report: AotReport) -> str:
   lines = [
+      f"{report.program}",
       f"topology {report.topology}: {report.num_devices} x {report.device_kind}, mesh {report.mesh}",
       f"compiled in {report.compile_seconds:.1f} s",
       "per device:",
@@ -211,7 +312,8 @@ def run(args) -> int:
     return 2
   topology = args.topology or config.aot.topology
   try:
-    report = compile_for_topology(config, topology)
+    reports = compile_grpo_for_topology(config, topology) if config.data.prompt_only else \
+        [compile_for_topology(config, topology)]
   except DoesNotFit as error:
     print(f"{error}\n-> DOES NOT FIT: lower data.seq_len, the batch per microbatch (more optimizer.accum_steps), "
           "use model.remat=full, or a larger slice / tensor parallelism (mesh.tensor)")
@@ -219,5 +321,5 @@ def run(args) -> int:
   except (RuntimeError, ConfigError) as error:
     print(f"eemo-jax aot: {error}", file=sys.stderr)
     return 2
-  print(describe(report))
-  return 0 if report.fits is not False else 1
+  print("\n\n".join(describe(report) for report in reports))
+  return 0 if all(report.fits is not False for report in reports) else 1

@@ -7,7 +7,9 @@
    metrics in JSONL and TensorBoard, Orbax checkpoints;
 4. evaluates CES accuracy on the held-out synthetic images (chance is 1/8);
 5. exports the HF folder (+ the head's safetensors);
-6. loads the export with transformers and compares its logits with EEmo-JAX's on held-out examples.
+6. loads the export with transformers and compares its logits with EEmo-JAX's on held-out examples;
+7. runs a short GRPO stage from that export (configs/tiny_demo_grpo.py: G completions per CES prompt,
+   EmoVerse's category reward) and prints the held-out mean reward before and after.
 
 Nothing is downloaded. A second run reuses the tokenizer and data and trains again from scratch.
 """
@@ -28,15 +30,16 @@ def add_arguments(parser, name):
   parser.add_argument("--out", default="runs/demo", help="where the tokenizer, data, run and export go")
   parser.add_argument("--epochs", type=float, default=None, help="training epochs (default: the config's)")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--grpo-steps", type=int, default=None, help="GRPO steps (default: the config's; 0 skips GRPO)")
 
 
 def _say(msg: str) -> None:
   print(msg, flush=True)
 
 
-def _config_path() -> str:
+def _config_path(name: str = "tiny_demo.py") -> str:
   here = os.path.dirname(os.path.abspath(__file__))
-  path = os.path.normpath(os.path.join(here, "..", "..", "configs", "tiny_demo.py"))
+  path = os.path.normpath(os.path.join(here, "..", "..", "configs", name))
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found; run the demo from a checkout of the repository")
   return path
@@ -50,6 +53,7 @@ def run(args) -> int:
   from data_pipeline.synthetic import SYNTHETIC_NOTICE
   from data_pipeline.tokenizer import build_offline_tokenizer, load_tokenizer
   from eemo_jax.config import load_config
+  from eemo_jax.rl.run import grpo
   from eemo_jax.train.run import train
 
   start = time.time()
@@ -57,11 +61,11 @@ def run(args) -> int:
   tokenizer_dir, data_dir = os.path.join(out, "tokenizer"), os.path.join(out, "data")
   run_dir, export_dir = os.path.join(out, "run"), os.path.join(out, "export")
 
-  _say(f"[1/6] tokenizer: byte-level BPE with the Qwen special tokens, built offline -> {tokenizer_dir}")
+  _say(f"[1/7] tokenizer: byte-level BPE with the Qwen special tokens, built offline -> {tokenizer_dir}")
   build_offline_tokenizer(tokenizer_dir)
   tokenizer = load_tokenizer(tokenizer_dir)
 
-  _say(f"[2/6] data: {SYNTHETIC_NOTICE.splitlines()[0]}")
+  _say(f"[2/7] data: {SYNTHETIC_NOTICE.splitlines()[0]}")
   report = build("synthetic", data_dir, config="emoverse")
   _say(f"      {report.written.get('train', 0)} train / {report.written.get('test', 0)} test records "
        f"-> {report.dataset_dir}{' (reused)' if report.reused else ''}")
@@ -73,17 +77,17 @@ def run(args) -> int:
     overrides.append(f"--config.train.epochs={args.epochs}")
   config = load_config(_config_path(), overrides)
   shutil.rmtree(run_dir, ignore_errors=True)  # each demo trains from scratch
-  _say(f"[3/6] SFT: tiny Qwen2.5-VL + EmoVerse head (configs/tiny_demo.py) -> {run_dir}")
+  _say(f"[3/7] SFT: tiny Qwen2.5-VL + EmoVerse head (configs/tiny_demo.py) -> {run_dir}")
   summary = train(config, tokenizer=tokenizer)
   _say(f"      {summary.steps} steps in {summary.seconds:.0f} s; metrics in {run_dir}/metrics.jsonl and "
        f"{run_dir}/tensorboard")
 
   accuracy = summary.eval_metrics.get("ces_accuracy", float("nan"))
-  _say(f"[4/6] held-out CES accuracy: {accuracy:.3f} on the test split (chance {CHANCE:.3f})")
+  _say(f"[4/7] held-out CES accuracy: {accuracy:.3f} on the test split (chance {CHANCE:.3f})")
 
-  _say(f"[5/6] exported the HF folder and the head -> {summary.export_dir}")
+  _say(f"[5/7] exported the HF folder and the head -> {summary.export_dir}")
 
-  _say("[6/6] transformers loads the export; logits against EEmo-JAX on held-out examples")
+  _say("[6/7] transformers loads the export; logits against EEmo-JAX on held-out examples")
   try:
     diff, ours_pred, labels = _check_with_transformers(summary.export_dir, data_dir, tokenizer, config.data)
   except ImportError:
@@ -91,8 +95,27 @@ def run(args) -> int:
     return 2
   _say(f"      max |Δlogits| = {diff:.2e}; head predictions {ours_pred} vs labels {labels}")
   ok = accuracy >= MIN_ACCURACY and diff <= 1e-4
+
+  grpo_dir = os.path.join(out, "grpo")
+  if args.grpo_steps != 0:
+    grpo_overrides = [f"--config.train.run_dir={grpo_dir}", f"--config.data.data_dir={data_dir}",
+                      f"--config.data.tokenizer_dir={tokenizer_dir}", f"--config.model.hf_dir={summary.export_dir}",
+                      f"--config.train.seed={args.seed}"]
+    if args.grpo_steps is not None:
+      grpo_overrides.append(f"--config.train.steps={args.grpo_steps}")
+    grpo_config = load_config(_config_path("tiny_demo_grpo.py"), grpo_overrides)
+    shutil.rmtree(grpo_dir, ignore_errors=True)
+    _say(f"[7/7] GRPO: {grpo_config.grpo.num_generations} completions per CES prompt, EmoVerse's category reward "
+         f"(configs/tiny_demo_grpo.py) -> {grpo_dir}")
+    rl = grpo(grpo_config, tokenizer=tokenizer)
+    before, after = (rl.eval_history[0][1].get("reward", float("nan")),
+                     rl.eval_history[-1][1].get("reward", float("nan")))
+    _say(f"      {rl.steps} steps in {rl.seconds:.0f} s; held-out mean reward {before:.3f} before, {after:.3f} after "
+         f"({grpo_config.eval.batches * grpo_config.train.global_batch_size // grpo_config.grpo.num_generations} "
+         f"prompts x {grpo_config.grpo.num_generations} samples); completions in {grpo_dir}/samples.jsonl")
   _say(f"\n{'OK' if ok else 'FAILED'} in {time.time() - start:.0f} s.\n  tokenizer {tokenizer_dir}\n  data      "
-       f"{data_dir}\n  run       {run_dir}\n  export    {summary.export_dir}")
+       f"{data_dir}\n  run       {run_dir}\n  export    {summary.export_dir}"
+       + (f"\n  grpo      {grpo_dir}" if args.grpo_steps != 0 else ""))
   if accuracy < MIN_ACCURACY:
     print(f"CES accuracy {accuracy:.3f} is below {MIN_ACCURACY}: training did not learn the synthetic cues",
           file=sys.stderr)

@@ -20,6 +20,34 @@ def add_arguments(parser, name):
   add_config_argument(parser)
 
 
+def user_errors() -> tuple[type[BaseException], ...]:
+  """What a user fixes (config, paths, data, an unreadable checkpoint): one line on stderr, exit 2."""
+  from data_pipeline.errors import DatasetError, RecordError
+  from eemo_jax.hf.safetensors_io import CheckpointError as HFFolderError
+  from eemo_jax.hf.staging import ExportError
+  from eemo_jax.train.checkpointing import RunCheckpointError
+  return (RunCheckpointError, ConfigError, DatasetError, RecordError, HFFolderError, ExportError)
+
+
+
+def run_reporting_errors(command: str, job, *, extra_user_errors=()):
+  """(exit code, job's result or None): a run's failures as one line on stderr each, with the exit codes of
+  the module docstring."""
+  from eemo_jax.train.checkpointing import CheckpointSaveError
+  from eemo_jax.train.run import NonFiniteLossError
+  try:
+    return 0, job()
+  except NonFiniteLossError as error:
+    print(f"eemo-jax {command}: {error}", file=sys.stderr)
+    return 3, None
+  except CheckpointSaveError as error:
+    print(f"eemo-jax {command}: {error}", file=sys.stderr)
+    return 1, None
+  except (*user_errors(), *extra_user_errors) as error:
+    print(f"eemo-jax {command}: {error}", file=sys.stderr)
+    return 2, None
+
+
 def run(args) -> int:
   from eemo_jax.parallel.distributed import initialize_from_environment
 
@@ -27,22 +55,10 @@ def run(args) -> int:
   if config is None:
     return 2
   initialize_from_environment()
-  from data_pipeline.errors import DatasetError, RecordError
-  from eemo_jax.hf.safetensors_io import CheckpointError as HFFolderError
-  from eemo_jax.hf.staging import ExportError
-  from eemo_jax.train.checkpointing import CheckpointSaveError, RunCheckpointError
-  from eemo_jax.train.run import NonFiniteLossError, train
-  try:
-    summary = train(config)
-  except NonFiniteLossError as error:
-    print(f"eemo-jax train: {error}", file=sys.stderr)
-    return 3
-  except CheckpointSaveError as error:
-    print(f"eemo-jax train: {error}", file=sys.stderr)
-    return 1
-  except (RunCheckpointError, ConfigError, DatasetError, RecordError, HFFolderError, ExportError) as error:
-    print(f"eemo-jax train: {error}", file=sys.stderr)
-    return 2
+  from eemo_jax.train.run import train
+  code, summary = run_reporting_errors("train", lambda: train(config))
+  if summary is None:
+    return code
   print(f"done: {summary.steps} steps in {summary.seconds:.0f} s; run directory {summary.run_dir}")
   if summary.eval_metrics:
     print("eval: " + "  ".join(f"{k} {v:.4g}" for k, v in summary.eval_metrics.items()))

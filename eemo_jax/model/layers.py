@@ -42,7 +42,7 @@ class Linear(nnx.Module):
     y = matmul(x, self.kernel[...].astype(x.dtype))
     if self.bias is not None:
       y = y + self.bias[...].astype(x.dtype)
-    if self.lora is not None:
+    if self.lora is not None and self.lora.enabled:
       y = y + self.lora(x)
     return y
 

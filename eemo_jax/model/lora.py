@@ -124,6 +124,7 @@ class LoraAdapter(nnx.Module):
     self.scale = float(scale)
     self.dropout = float(dropout)
     self.deterministic = False
+    self.enabled = True  # False: the layer computes as the base model (GRPO's reference policy)
     self.dropout_key = nnx.data(None)
     if dropout > 0:
       self.dropout_key = _placed(LoraDropoutKey, dropout_key, (*lead_axes, None), mesh, rules)
@@ -137,10 +138,14 @@ class LoraAdapter(nnx.Module):
     h = matmul(x, self.lora_a[...].astype(x.dtype))  # (..., rank)
     return matmul(h, self.lora_b[...].astype(x.dtype)) * jnp.asarray(self.scale, x.dtype)
 
-  def set_view(self, deterministic: bool | None = None):
-    """For `nnx.view(model, deterministic=...)`: True turns the LoRA dropout off."""
+  def set_view(self, deterministic: bool | None = None, lora_enabled: bool | None = None):
+    """For `nnx.view(model, deterministic=..., lora_enabled=...)`: `deterministic=True` turns the LoRA
+    dropout off; `lora_enabled=False` the adapters themselves, so the same weights give the base model
+    (the reference policy of GRPO with LoRA, without a second copy of the weights)."""
     if deterministic is not None:
       self.deterministic = deterministic
+    if lora_enabled is not None:
+      self.enabled = lora_enabled
 
   def delta(self) -> jax.Array:
     """`A B * scale` in fp32: (*lead, in, out), the kernel's shape."""

@@ -95,13 +95,16 @@ class Qwen25VL(nnx.Module):
                patch_budget: int | None = None, frame_budget: int | None = None,
                cache: KVCache | None = None, cache_index=0,
                logits_for: str = "all", output_hidden_states: bool = False,
-               hf_hidden_states: int = 0) -> ModelOutput:
+               hf_hidden_states: int = 0, inputs_embeds: jax.Array | None = None) -> ModelOutput:
     """Forward pass with HF argument names.
 
     With a `cache`, `attention_mask` covers the cache slots (batch, max_len) and the queries sit at
     slots `cache_index + arange(seq)`; without one it is the usual (batch, seq) padding mask.
     `hf_hidden_states=k` puts the last k entries of transformers' `output_hidden_states=True` tuple
     in `hidden_states`, without keeping every layer's output (the emotion head averages the last 4).
+    `inputs_embeds` (batch, seq, hidden), as HF: embeddings made beforehand with `embed` (GRPO embeds each
+    prompt's images once and repeats the embeddings for the prompt's completions); `input_ids` then only
+    give the shape and `vision` must be None.
     """
     if pixel_values is not None and vision is None:
       prepared = prepare_inputs(self.config, input_ids, attention_mask, pixel_values, image_grid_thw,
@@ -125,7 +128,12 @@ class Qwen25VL(nnx.Module):
     if position_ids.shape[0] == 4:  # HF's 4-row layout: [text positions; t; h; w]
       position_ids = position_ids[1:]
 
-    embeds = self.embed(input_ids, vision)
+    if inputs_embeds is not None:
+      if vision is not None:
+        raise ValueError("pass the images either through vision= or already in inputs_embeds, not both")
+      embeds = inputs_embeds.astype(self.dtype)
+    else:
+      embeds = self.embed(input_ids, vision)
     cfg = self.config.text
     cos, sin = mrope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, self.dtype)
     mask = causal_mask(attention_mask, cache_index + jnp.arange(l), attention_mask.shape[1])

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -109,6 +109,33 @@ def _is_argmax(logits: jax.Array, index: jax.Array, picked: jax.Array) -> jax.Ar
   return (picked >= top) & ((before < picked) | (index == 0))  # index 0 also wins a row of -inf
 
 
+def map_sequence_chunks(fn: Callable, hidden: jax.Array, aligned: jax.Array, *, chunk_size: int, fill) -> Any:
+  """`fn(hidden_chunk, aligned_chunk)` over chunks of the sequence axis, in a rematerialised scan.
+
+  hidden: (batch, seq, hidden); aligned: (batch, seq) values per position (labels, token ids), padded with
+  `fill` up to whole chunks. `fn` gets (batch, chunk, hidden) and (batch, chunk) and returns a pytree;
+  the result stacks it on a leading (chunks,) axis. Only one chunk's LM-head logits are alive at a time,
+  in the forward and in the backward pass (which recomputes them): this is how the SFT loss and GRPO's
+  per-token log-probs apply the LM head without (batch, seq, vocab) logits.
+  """
+  b, l, d = hidden.shape
+  chunk = min(chunk_size, l)
+  n = -(-l // chunk)
+  if n * chunk != l:  # pad the sequence to whole chunks
+    hidden = jnp.pad(hidden, ((0, 0), (0, n * chunk - l), (0, 0)))
+    aligned = jnp.pad(aligned, ((0, 0), (0, n * chunk - l)), constant_values=fill)
+  # Chunks on the leading axis for the scan; the batch axis (data-sharded) stays intact.
+  hidden_chunks = hidden.reshape(b, n, chunk, d).swapaxes(0, 1)  # (chunks, batch, chunk, hidden)
+  aligned_chunks = aligned.reshape(b, n, chunk).swapaxes(0, 1)  # (chunks, batch, chunk)
+
+  @jax.checkpoint  # the backward pass recomputes one chunk's logits instead of storing all of them
+  def body(carry, xs):
+    return carry, fn(*xs)
+
+  _, out = jax.lax.scan(body, None, (hidden_chunks, aligned_chunks))
+  return out
+
+
 def lm_loss_sums(hidden: jax.Array, labels: jax.Array, project: Callable[[jax.Array], jax.Array], *,
                  chunk_size: int = 1024) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Next-token cross-entropy sums from final hidden states, applying the LM head chunk by chunk.
@@ -117,26 +144,9 @@ def lm_loss_sums(hidden: jax.Array, labels: jax.Array, project: Callable[[jax.Ar
   where no loss is taken; project: (batch, chunk, hidden) -> (batch, chunk, vocab) logits.
   Returns (Σ nll, Σ correct argmax, label-token count).
   """
-  b, l, d = hidden.shape
-  targets = shift_labels(labels)
-  chunk = min(chunk_size, l)
-  n = -(-l // chunk)
-  if n * chunk != l:  # pad the sequence to whole chunks; padded positions carry no label
-    hidden = jnp.pad(hidden, ((0, 0), (0, n * chunk - l), (0, 0)))
-    targets = jnp.pad(targets, ((0, 0), (0, n * chunk - l)), constant_values=IGNORE_INDEX)
-  # Chunks on the leading axis for the scan; the batch axis (data-sharded) stays intact.
-  hidden_chunks = hidden.reshape(b, n, chunk, d).swapaxes(0, 1)  # (chunks, batch, chunk, hidden)
-  target_chunks = targets.reshape(b, n, chunk).swapaxes(0, 1)  # (chunks, batch, chunk)
-
-  @jax.checkpoint  # the backward pass recomputes one chunk's logits instead of storing all of them
-  def body(totals, xs):
-    h, t = xs
-    sums = cross_entropy_sums(project(h), t)  # logits (batch, chunk, vocab)
-    return tuple(a + s for a, s in zip(totals, sums)), None
-
-  zero = jnp.zeros((), jnp.float32)
-  totals, _ = jax.lax.scan(body, (zero, zero, zero), (hidden_chunks, target_chunks))
-  return totals
+  per_chunk = map_sequence_chunks(lambda h, t: cross_entropy_sums(project(h), t), hidden, shift_labels(labels),
+                                  chunk_size=chunk_size, fill=IGNORE_INDEX)  # three (chunks,) sums
+  return tuple(x.sum() for x in per_chunk)
 
 
 def des_loss_sums(des: jax.Array, target: jax.Array, mask: jax.Array,

@@ -155,19 +155,26 @@ def step_flops(arch: Qwen25VLConfig, head_cfg: HeadConfig | None, batch_spec: Ba
                           remat=config.model.remat, lm_loss=bool(config.loss.lm_weight))
 
 
-def pipeline_config(config, arch: Qwen25VLConfig, *, split: str | None = None, eval_mode: bool = False):
+def pipeline_config(config, arch: Qwen25VLConfig, *, split: str | None = None, eval_mode: bool = False,
+                    examples_per_step: int | None = None, stacked: bool = True):
+  """The input pipeline of a config: each process's share of `examples_per_step` (default
+  `train.global_batch_size`) records per optimizer step, in `optimizer.accum_steps` micro-batches (stacked
+  on a leading axis, or, with `stacked=False`, as that many plain batches)."""
   from data_pipeline.pipeline import PipelineConfig
   d, t = config.data, config.train
   accum = 1 if eval_mode else int(config.optimizer.accum_steps)
-  per_process, rest = divmod(int(t.global_batch_size), accum * jax.process_count())
+  examples = int(t.global_batch_size) if examples_per_step is None else int(examples_per_step)
+  per_process, rest = divmod(examples, accum * jax.process_count())
   if rest or per_process < 1:
-    raise ValueError(f"train.global_batch_size {t.global_batch_size} must be a multiple of optimizer.accum_steps "
-                     f"({accum}) x JAX processes ({jax.process_count()})")
+    what = "train.global_batch_size" if examples_per_step is None else "the records per step"
+    raise ConfigError(f"{what} ({examples}) must be a multiple of optimizer.accum_steps ({accum}) x JAX processes "
+                      f"({jax.process_count()})")
   v = arch.vision
   fields = dict(d.items())
   fields.update(batch_size=per_process, patch_budget=d.patch_budget or None, frame_budget=d.frame_budget or None,
                 max_image_pixels=d.max_image_pixels or None,
-                seed=int(t.seed), num_epochs=1 if eval_mode else None, microbatches=0 if eval_mode else accum,
+                seed=int(t.seed), num_epochs=1 if eval_mode else None,
+                microbatches=0 if eval_mode or not stacked else accum,
                 patch_size=v.patch_size, temporal_patch_size=v.temporal_patch_size, merge_size=v.spatial_merge_size,
                 window_size=v.window_size)
   if split:
@@ -257,7 +264,7 @@ def train(config, *, tokenizer=None, train_source=None, eval_source=None, progre
 
   tokenizer_dir = paths.absolute(config.data.tokenizer_dir or config.model.hf_dir)
   if tokenizer is None:
-    tokenizer = _load_tokenizer(tokenizer_dir)
+    tokenizer = load_run_tokenizer(tokenizer_dir)
   arch = model_config(config, tokenizer)
   head_cfg = head_config(config, arch, tokenizer)
   mesh = make_mesh(dict(config.mesh.items()))
@@ -268,13 +275,7 @@ def train(config, *, tokenizer=None, train_source=None, eval_source=None, progre
   export_dir = paths.absolute(t.export_dir)
   check_export_target(export_dir, run_dir, overwrite=t.export_overwrite)
 
-  # Length of the run.
-  if t.steps:
-    total_steps = int(t.steps)
-  else:
-    from data_pipeline.pipeline import load_source
-    examples = len(train_source) if train_source is not None else len(load_source(pcfg))
-    total_steps = max(1, math.ceil(float(t.epochs) * examples / int(t.global_batch_size)))
+  total_steps = run_length(config, pcfg, train_source, examples_per_step=int(t.global_batch_size))
   opt_cfg = optimizer_settings(config, total_steps)
   optimizer = make_optimizer(opt_cfg)
   schedule = learning_rate_schedule(opt_cfg)
@@ -330,12 +331,7 @@ def train(config, *, tokenizer=None, train_source=None, eval_source=None, progre
       peak = _peak_flops(config) * jax.device_count()
       writer = MetricsWriter(run_dir, enabled=is_main)
       progress = ProgressLine(total_steps, stream=progress_stream, every=t.log_every)
-      for line in restore_warnings:
-        progress.message(f"warning: {line}")
-      if config_check.message():
-        progress.message(config_check.message())
-      if resumed_from is not None:
-        progress.message(f"resumed {run_dir} at step {start} (checkpoint {resumed_from})")
+      announce_start(progress, run_dir, start, resumed_from, restore_warnings, config_check)
       last, eval_metrics = {}, {}
       window_start = time.time()
       tokens_per_step = math.prod(batch_spec.input_ids.shape)  # processed (padded) tokens of all microbatches
@@ -347,7 +343,7 @@ def train(config, *, tokenizer=None, train_source=None, eval_source=None, progre
         metrics = _host_metrics(metrics)
         if not math.isfinite(metrics["loss"]):
           raise NonFiniteLossError(_non_finite(metrics["loss"], step, data, checkpoints))
-        metrics.update(_skipped(skip_counts(data)))
+        metrics.update(skipped_metrics(skip_counts(data)))
         if step % t.log_every == 0 or step == total_steps:
           seconds = max(time.time() - window_start, 1e-9)
           metrics["tokens_per_s"] = tokens_per_step * (step - last_logged) / seconds
@@ -360,7 +356,7 @@ def train(config, *, tokenizer=None, train_source=None, eval_source=None, progre
         if on_step is not None:
           on_step(step, metrics)
         checkpoints.save(step, state, data, force=step == total_steps)
-        _report_saved(checkpoints.poll(), checkpoints, progress)
+        report_saved(checkpoints.poll(), checkpoints, progress)
         if eval_fn is not None and config.eval.every and step % config.eval.every == 0 and step != total_steps:
           eval_metrics = evaluate(eval_fn, state, config, arch, tokenizer, mesh, source=eval_source)
           writer.write(step, eval_metrics, split="eval")
@@ -369,17 +365,9 @@ def train(config, *, tokenizer=None, train_source=None, eval_source=None, progre
         eval_metrics = evaluate(eval_fn, state, config, arch, tokenizer, mesh, source=eval_source)
         writer.write(total_steps, eval_metrics, split="eval")
         progress.message(f"eval @ {total_steps}: " + _describe(eval_metrics))
-      _report_saved(checkpoints.wait(), checkpoints, progress)
+      report_saved(checkpoints.wait(), checkpoints, progress)
   finally:
-    if progress is not None:
-      progress.close()
-    if writer is not None:
-      writer.close()
-    if checkpoints is not None:
-      checkpoints.close()
-    data_close = getattr(data, "close", None)
-    if data_close is not None:
-      data_close()  # stops its worker processes now, not at garbage collection
+    close_all(progress, writer, checkpoints, data)
 
   if export_dir:
     export(config, graphdef, state, tokenizer_dir, export_dir, run_dir=run_dir)
@@ -387,13 +375,44 @@ def train(config, *, tokenizer=None, train_source=None, eval_source=None, progre
                     eval_metrics=eval_metrics, export_dir=export_dir or None, seconds=time.time() - started)
 
 
-def _report_saved(step: int | None, checkpoints: RunCheckpoints, progress: ProgressLine) -> None:
+def run_length(config, pcfg, source, *, examples_per_step: int) -> int:
+  """Optimizer steps of a run: `train.steps`, or else `train.epochs` over the data set's records."""
+  if config.train.steps:
+    return int(config.train.steps)
+  from data_pipeline.pipeline import load_source
+  examples = len(source) if source is not None else len(load_source(pcfg))
+  return max(1, math.ceil(float(config.train.epochs) * examples / examples_per_step))
+
+
+def announce_start(progress: ProgressLine, run_dir: str, start: int, resumed_from: int | None, warnings: list[str],
+                   config_check: run_record.ConfigCheck) -> None:
+  """The lines a run prints before its first step: damaged checkpoints set aside, accepted config changes, where
+  it resumes."""
+  for line in warnings:
+    progress.message(f"warning: {line}")
+  if config_check.message():
+    progress.message(config_check.message())
+  if resumed_from is not None:
+    progress.message(f"resumed {run_dir} at step {start} (checkpoint {resumed_from})")
+
+
+def close_all(*resources) -> None:
+  """Closes a run's resources in order, skipping those not opened yet (None): the progress line, the metrics
+  writer, the checkpoint manager (waiting for a pending save), the data iterator (its worker processes stop
+  now, not at garbage collection)."""
+  for resource in resources:
+    close = getattr(resource, "close", None)
+    if close is not None:
+      close()
+
+
+def report_saved(step: int | None, checkpoints: RunCheckpoints, progress: ProgressLine) -> None:
   """Claims a checkpoint only once it is complete on disk."""
   if step is not None:
     progress.message(f"checkpoint {step} -> {checkpoints.directory}")
 
 
-def _load_tokenizer(folder: str):
+def load_run_tokenizer(folder: str):
   from data_pipeline.tokenizer import load_tokenizer
   if not folder:
     raise ConfigError("no tokenizer: set data.tokenizer_dir (or model.hf_dir, whose tokenizer is used)")
@@ -413,7 +432,7 @@ _SHOWN = ("loss", "lm_loss", "token_accuracy", "ces_loss", "ces_accuracy", "grad
           "skipped")
 
 
-def _skipped(counts: dict[str, int]) -> dict[str, float]:
+def skipped_metrics(counts: dict[str, int]) -> dict[str, float]:
   """Records this process's pipeline has skipped so far, per reason and in total (`skipped`), for the log."""
   out = {f"skipped_{reason}": float(n) for reason, n in counts.items()}
   out["skipped"] = float(sum(counts.values()))

@@ -38,3 +38,14 @@ def test_a_batch_the_mesh_cannot_shard_is_refused():
                 "--config.train.global_batch_size=6")
   assert result.returncode == 2
   assert "6 rows, which the mesh's data x fsdp = 4 devices do not divide" in result.stderr
+
+
+def test_a_grpo_config_compiles_the_rollout_and_the_update_step():
+  """For a GRPO config both of `eemo-jax grpo`'s programs are compiled and reported: the rollout of one
+  micro-batch of prompts (prefill once per prompt, G completions decoded) and the update step."""
+  result = _aot("--config", "configs/tiny_grpo.py", "--topology", "v5e:2x2")
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = result.stdout
+  assert "rollout (4 prompts x 4 completions of 48 tokens)" in out
+  assert "update step (1 x 16 completions of 48 tokens after 448-token prompts)" in out
+  assert out.count("fits (") == 2 and "DOES NOT FIT" not in out

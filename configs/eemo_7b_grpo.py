@@ -1,0 +1,64 @@
+"""EEmo-Logic stage 2: GRPO of the stage-1 model on EEmoDB-Assess, LoRA, the authors' released loss.
+
+    eemo-jax grpo --config configs/eemo_7b_grpo.py \
+        --config.model.hf_dir=/path/to/eemo_7b_sft_lora/export \
+        --config.data.data_dir=/path/to/tfds --config.train.run_dir=gs://bucket/runs/eemo_grpo
+
+From the authors' `train/Stage_2/finetune_grpo.sh` and trainer (papers.md §3.5):
+- start from stage 1's merged export (`eemo_7b_sft_lora`'s train.export_dir) as model.hf_dir; new LoRA
+  adapters of rank 64 / alpha 64 on every linear layer as in stage 1, base weights frozen, so the reference
+  policy is the same weights with the adapters switched off (no second copy);
+- G = 8 (`num_generations 8`), completions up to 1024 tokens (`max_completion_length 1024`), temperature
+  1.0 (the HF-generate trainer's hard-coded `temperature=1`);
+- beta 0.04 and lr 1e-6: not passed by the script, so trl 0.15.1's GRPOConfig defaults (inferred);
+- per-device batch 1 x 8 devices x accumulation 2 = 16 completions (2 prompts) per optimizer step;
+- the released loss: advantage over the summed rewards / (group std + 1e-4), per-token
+  `-(exp(logp - logp.detach()) * A - beta * k3)`, the token mean of each completion then the batch mean,
+  k3 not weighted by the ratio, one iteration (no clipping takes effect): `rl.losses.EEMO_LOGIC_LOSS` =
+  loss_type grpo, use_bias_correction_kl False, with advantages.EEMO_LOGIC_ADVANTAGE (group scaling of the sum);
+- rewards: the prompt's answer format, and each row's own task reward (`eemo_task`: dominant emotion with
+  the similarity matrix of its option set, as released; ranking, V/A/D and choice rewards from the formulas of
+  papers.md §3.5/§5, which the authors did not release); summed, as the release sums its rewards;
+- the Stage-2 system prompt "You are an emotion analysis expert." (the prompt-only pipeline adds it).
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import base  # noqa: E402
+
+
+def get_config(arg=None):
+  c = base.get_config()
+  c.model.preset = "qwen25vl_7b"
+  c.lora.rank = 64
+  c.lora.alpha = 64.0
+  c.lora.dropout = 0.05
+  c.trainable.adapters_only = True
+  c.data.dataset = "eemo"
+  c.data.dataset_config = "assess"
+  c.data.task = "eemo_tasks"
+  c.data.prompt_only = True
+  c.data.seq_len = 2048  # the prompt bucket (the release allows 8192 prompt tokens; images up to 1280 x 28^2 px)
+  c.data.min_pixels = 256 * 28 * 28
+  c.data.max_pixels = 1280 * 28 * 28
+  c.optimizer.learning_rate = 1e-6
+  c.optimizer.warmup_ratio = 0.0
+  c.optimizer.weight_decay = 0.0
+  c.optimizer.accum_steps = 2
+  c.grpo.num_generations = 8
+  c.grpo.max_completion_length = 1024
+  c.grpo.temperature = 1.0
+  c.grpo.beta = 0.04
+  c.grpo.loss_type = "grpo"  # rl.losses.EEMO_LOGIC_LOSS
+  c.grpo.use_bias_correction_kl = False
+  c.grpo.importance_sampling_level = "token"
+  c.grpo.scale_rewards = "group"  # rl.advantages.EEMO_LOGIC_ADVANTAGE
+  c.grpo.aggregation = "sum_then_normalize"
+  c.grpo.rewards = (("format", 1.0), ("eemo_task", 1.0))
+  c.train.global_batch_size = 16
+  c.train.epochs = 1.0
+  c.train.run_dir = "runs/eemo_7b_grpo"
+  c.aot.topology = "v5p:2x2x2"
+  return c
