@@ -18,6 +18,7 @@ from flax import nnx
 from eemo_jax.config import ConfigError, load_config
 from eemo_jax.model.config import preset
 from eemo_jax.parallel.sharding import make_mesh
+from eemo_jax.rl import run as grpo_run
 from eemo_jax.train import freeze, run
 from eemo_jax.train.optimizer import make_optimizer
 from eemo_jax.train.state import abstract_train_state
@@ -113,9 +114,15 @@ def test_every_recipe_loads_locked_and_fills_the_library_types(name):
   with pytest.raises(AttributeError):
     config.train.new_field = 1  # a recipe or caller cannot add fields by accident
   arch = preset(config.model.preset)
-  run.pipeline_config(config, arch)  # PipelineConfig validates task, budgets, pixels and the batch split
+  # PipelineConfig validates task, budgets, pixels and the batch split; GRPO recipes take generation prompts
+  if config.data.prompt_only:
+    settings = grpo_run.grpo_settings(config)
+    grpo_run.check_reference_policy(config, grpo_run.loss_settings(config, settings))
+    assert grpo_run.prompt_pipeline_config(config, arch, settings).prompt_only
+  else:
+    run.pipeline_config(config, arch)
+    run.loss_settings(config)
   run.optimizer_settings(config, 100)
-  run.loss_settings(config)
   assert config.train.run_dir and config.train.global_batch_size % config.optimizer.accum_steps == 0
 
 

@@ -183,8 +183,7 @@ def compile_grpo_for_topology(config, topology: str) -> list[AotReport]:
   tokenizer = _tokenizer(config)
   arch = runlib.model_config(config, tokenizer) if tokenizer is not None else _preset_or_folder(config)
   g = settings.num_generations
-  pcfg = runlib.pipeline_config(config, arch, examples_per_step=int(config.train.global_batch_size) // g,
-                                stacked=False)
+  pcfg = grpolib.prompt_pipeline_config(config, arch, settings)
   if config.aot.batch_size:
     pcfg = dataclasses.replace(pcfg, batch_size=int(config.aot.batch_size))
   prompts, accum, steps = pcfg.batch_size, int(config.optimizer.accum_steps), settings.max_completion_length
@@ -201,7 +200,7 @@ def compile_grpo_for_topology(config, topology: str) -> list[AotReport]:
     policy_state = jax.tree.map(  # a prefix tree: one sharding per Variable
         lambda sh, sub: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), sub),
         state_shardings(policy_abstract, mesh, rules), policy_abstract)
-    batch = abstract_batch(dataclasses.replace(pcfg, prompt_only=True), tokenizer)
+    batch = abstract_batch(pcfg, tokenizer)
     inputs = ModelInputs(**batch)
     inputs = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), inputs,
                           input_shardings(inputs, mesh, rules))

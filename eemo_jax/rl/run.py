@@ -257,8 +257,7 @@ def grpo(config, *, tokenizer=None, train_source=None, eval_source=None, progres
   accum = int(config.optimizer.accum_steps)
   g = settings.num_generations
   prompts_per_step = int(t.global_batch_size) // g
-  pcfg = dataclasses.replace(pipeline_config(config, arch, examples_per_step=prompts_per_step, stacked=False),
-                             tokenizer_dir=tokenizer_dir, prompt_only=True)
+  pcfg = dataclasses.replace(prompt_pipeline_config(config, arch, settings), tokenizer_dir=tokenizer_dir)
   check_rows_shard(pcfg.batch_size * g * jax.process_count(), mesh)
   export_dir = paths.absolute(t.export_dir)
   check_export_target(export_dir, run_dir, overwrite=t.export_overwrite)
@@ -375,6 +374,15 @@ def grpo(config, *, tokenizer=None, train_source=None, eval_source=None, progres
 
 _SHOWN = ("reward", "reward_std", "kl", "entropy", "completion_length", "clip_ratio/region_mean", "grad_norm",
           "lr", "completions_per_s", "rollout_s", "update_s", "skipped")
+
+
+def prompt_pipeline_config(config, arch, settings: GRPOSettings):
+  """The generation-prompt pipeline of a GRPO config: each process's share of the
+  `train.global_batch_size / num_generations` prompts a rollout takes, as one plain batch (the update splits
+  the completions into `optimizer.accum_steps` micro-batches itself)."""
+  prompts_per_step = int(config.train.global_batch_size) // settings.num_generations
+  return dataclasses.replace(pipeline_config(config, arch, examples_per_step=prompts_per_step, stacked=False),
+                             prompt_only=True)
 
 
 def initial_state(config, arch, factory, optimizer, mesh, rules, trainable):
