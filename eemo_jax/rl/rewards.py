@@ -303,15 +303,23 @@ def _emotion_credit(parsed: ParsedCompletions, truth: GroundTruth, exact: bool) 
 
 
 def ranking_reward(pred, truth) -> jax.Array:
-  """((hit + kendall) / 100)² for (N, 3) int32 emotion ids, strongest first, -1 = missing -> (N,) float32.
+  """(`ranking_score` / 100)² for (N, 3) int32 emotion ids, strongest first, -1 = missing -> (N,) float32.
+
+  The square is the authors' reward; evaluation reports the unsquared score (`eemo_jax.eval.metrics`).
+  """
+  return (ranking_score(pred, truth) / 100.0) ** 2
+
+
+def ranking_score(pred, truth) -> jax.Array:
+  """hit + kendall in [0, 100] for (N, 3) int32 emotion ids, strongest first, -1 = missing -> (N,) float32.
 
   hit = Σ over the ground-truth ranks 1, 2, 3 whose emotion is among the prediction's of 25, 15, 10;
   kendall = 25 · (τ + 1), with τ Kendall's tau between the ground-truth and the predicted *positions* of the
   emotions both share, × 2/3 when they share two and 0 when they share one or none.
   The authors' `thinking_consistancy.py` gives `scipy.stats.kendalltau` the emotion *names*, which it ranks
   alphabetically: for three shared emotions that is a different τ in 8 of the 36 orderings, so positions
-  are used here. Their score is also rounded to 2 decimals before the square; this one is not. An emotion
-  repeated in a row counts at its first position only; -1 entries are missing.
+  are used here. Their score is also rounded to 2 decimals before `ranking_reward`'s square; this one is not.
+  An emotion repeated in a row counts at its first position only; -1 entries are missing.
   """
   pred, truth = jnp.asarray(pred, jnp.int32), jnp.asarray(truth, jnp.int32)  # (N, 3)
   match = (_first_occurrences(truth)[:, :, None] & _first_occurrences(pred)[:, None, :]
@@ -328,7 +336,7 @@ def ranking_reward(pred, truth) -> jax.Array:
   count = jnp.sum(shared, axis=-1)
   scale = jnp.where(count == 3, 1.0, jnp.where(count == 2, 2.0 / 3.0, 0.0)).astype(jnp.float32)
   kendall = 25.0 * (tau + 1.0) * scale
-  return ((hit + kendall) / 100.0) ** 2
+  return hit + kendall
 
 
 def _first_occurrences(ids: jax.Array) -> jax.Array:
@@ -522,5 +530,5 @@ def compiled_variants() -> int:
 __all__ = ["GroundTruth", "MIKELS_SET", "REWARDS", "RANKING_HIT_WEIGHTS", "RewardSpec", "SCORE_LEVELS",
            "SCORE_SIGMA", "SCORE_THRESHOLD", "TASKS", "TASK_ID", "ces_reward", "choice_reward", "compiled_variants",
            "compute_rewards", "dominant_reward", "dominant_reward_matrix", "eemo_task_reward", "format_reward",
-           "option_set_matrices", "ranking_reward", "ranking_task_reward", "reward_specs", "reward_weights",
-           "score_reward"]
+           "option_set_matrices", "ranking_reward", "ranking_score", "ranking_task_reward", "reward_specs",
+           "reward_weights", "score_reward"]
