@@ -5,6 +5,8 @@ from data_pipeline.builders import build, load_records
 report = build("synthetic", "data/", config="emoverse", num_train=64, num_test=16)
 report = build("emoverse", "data/", manual_dir="/datasets/EmoVerse")          # skips and lists bad records
 report = build("eemo", "data/", manual_dir="/datasets/EEmoDB", config="qa", strict=True)  # fails on one
+report = build("eemo_bench", "data/", manual_dir="/datasets/eemo-bench", config="single",  # test split only
+               image_root="/datasets/eemo-bench/images")  # configs single, pair, artemis, artphoto
 source = load_records("synthetic", "data/", "train", config=report.config)    # grain random-access source
 ```
 
@@ -22,12 +24,14 @@ import tensorflow_datasets as tfds
 
 from data_pipeline.builders.common import SKIPPED_FILE, RecordBuilder
 from data_pipeline.builders.eemo import EEmo
+from data_pipeline.builders.eemo_bench import EEmoBench
 from data_pipeline.builders.emoverse import EmoVerse
 from data_pipeline.builders.reading import RecordSource, dataset_dir, load_records
 from data_pipeline.builders.synthetic import Synthetic, synthetic_config
 from data_pipeline.errors import DatasetError
 
-BUILDERS: dict[str, type[RecordBuilder]] = {"emoverse": EmoVerse, "eemo": EEmo, "synthetic": Synthetic}
+BUILDERS: dict[str, type[RecordBuilder]] = {"emoverse": EmoVerse, "eemo": EEmo, "eemo_bench": EEmoBench,
+                                            "synthetic": Synthetic}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,10 +56,11 @@ class BuildReport:
 
 def build(name: str, data_dir: str | Path, *, manual_dir: str | Path | None = None, strict: bool = False,
           config: str | None = None, overwrite: bool = False, **kwargs) -> BuildReport:
-  """Builds data set `name` ("emoverse", "eemo", "synthetic") into `data_dir` as ArrayRecord.
+  """Builds data set `name` ("emoverse", "eemo", "eemo_bench", "synthetic") into `data_dir` as ArrayRecord.
 
   `manual_dir` is the data set root (required for the real sets). Extra kwargs go to the builder:
-  `annotations=` (emoverse, eemo), `image_root=` (eemo), `seed=`, `num_train=`, `num_test=` (synthetic),
+  `annotations=` (emoverse, eemo, eemo_bench), `image_root=` (eemo, eemo_bench), `seed=`, `num_train=`,
+  `num_test=` (synthetic),
   `max_image_pixels=` (images over it are skipped from their header; default `PIXEL_LIMIT_CAP`).
   An existing build is reused unless `overwrite=True`. Problems with the arguments or the data set as a
   whole, including a split in which every record is bad, raise `DatasetError`.
@@ -89,5 +94,5 @@ def build(name: str, data_dir: str | Path, *, manual_dir: str | Path | None = No
       reused=not builder.generated)
 
 
-__all__ = ["BUILDERS", "BuildReport", "EEmo", "EmoVerse", "RecordSource", "Synthetic", "build", "dataset_dir",
-           "load_records", "synthetic_config"]
+__all__ = ["BUILDERS", "BuildReport", "EEmo", "EEmoBench", "EmoVerse", "RecordSource", "Synthetic", "build",
+           "dataset_dir", "load_records", "synthetic_config"]
