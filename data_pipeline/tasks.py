@@ -19,6 +19,7 @@ run them together; no indentation before the format line). The label sets live h
 from __future__ import annotations
 
 import ast
+import bisect
 import dataclasses
 import functools
 import json
@@ -331,8 +332,9 @@ def read_answer_value(task: str, value: str, *, options=None, partial: bool = Fa
       `partial=True`, the first (up to) three distinct emotions of `options` among the items, skipping
       repeats and unknown words (None when there is none), for rewards that give partial credit;
     dominant_emotion -> the emotion, in the spelling of `options` when given (None if not among them);
-    yes_no / multiple_choice -> the option letter, also recognised from the option text when `options`
-      (letter -> text, or a list lettered A, B, ...) are given; yes_no defaults to A: No, B: Yes;
+    yes_no / multiple_choice -> the option letter, read by `read_free_choice` when the options are known
+      (letter -> text, or a list lettered A, B, ...; yes_no defaults to A: No, B: Yes), so the letter, the
+      option's text or a sentence naming one option; without options, any letter ("D", "(D)", "D: ...");
     open_ended -> the text.
   Emotions are matched ignoring case, surrounding punctuation, a trailing "(...)" remark and a plural "s",
   and through the authors' synonyms (`EMOTION_SYNONYMS`) when the word itself is not an option.
@@ -357,7 +359,7 @@ def _read_dominant(task, value, options, partial) -> str | None:
 
 def _read_choice(task, value, options, partial) -> str | None:
   choices = YES_NO_OPTIONS if task == "yes_no" and options is None else _lettered(options)
-  return _choice_letter(value, choices)
+  return _choice_letter(value, None) if choices is None else read_free_choice(value, choices, strict=True)
 
 
 def _read_text(task, value, options, partial) -> str | None:
@@ -367,6 +369,176 @@ def _read_text(task, value, options, partial) -> str | None:
 _VALUE_READERS = {"valence": _read_score, "arousal": _read_score, "dominance": _read_score,
                   "emotion_ranking": _read_ranking, "dominant_emotion": _read_dominant, "yes_no": _read_choice,
                   "multiple_choice": _read_choice, "open_ended": _read_text}
+
+
+# --------------------------------------------------------------------------------------------------
+# Free-text choices: what external models answer to a lettered question
+# --------------------------------------------------------------------------------------------------
+
+_MARKUP_RE = re.compile(r"[*_`#]+")  # Markdown emphasis and headings around "**B: Yes.**"
+# Sentences end at ".", "!", "?" before a space, or at a line break. A line ending in ":" ends a sentence only
+# when a list follows (a line opening with "-", "*", "1." or a short label such as "Image 1:", "Option A:");
+# before prose it is a heading ("Analyzing the two images:"), part of the sentence it introduces.
+_LIST_ITEM = r"(?:[-*+\u2022]|\d+[.)]|\([A-Za-z0-9]\)|(?:[^\W_]+[ \t]+){0,2}[^\W_]+[ \t]*[:\uff1a])"
+_SENTENCE_BREAK_RE = re.compile(
+    rf"(?<=[.!?])\s+|(?<![:\uff1a\s])[ \t]*\n\s*|(?<=[:\uff1a])[ \t]*\n\s*(?={_LIST_ITEM})")
+# A letter marked as an option: "(B)"; "B:", "B)" or "B." not inside a word; a capital after "option",
+# "choice" or "answer" (+ "is", ":") on the same line; a letter alone on a line.
+_MARKED_LETTER_RE = re.compile(
+    r"\((?P<paren>[A-Za-z])\)"
+    r"|(?<![A-Za-z0-9])(?P<marked>[A-Z])(?=[ \t]*(?P<mark>[:.)\uff1a]))"
+    r"|(?i:\b(?:option|choice|answer)s?\b)(?:[ \t]+is)?[ \t]*:?[ \t]*(?P<cued>[A-Z])(?![A-Za-z0-9])"
+    r"|^[ \t]*(?P<alone>[A-Za-z])[ \t]*[.!]?[ \t]*$", re.MULTILINE)
+_AFTER_LETTER_RE = re.compile(r"[ \t]*[:.)\uff1a]?[ \t]*[\"'\u201c]?")
+# A copied option list: what may close a quoted option ("A: 'No.'," or "A: No;"), and separate two of them.
+_AFTER_QUOTE_RE = re.compile(r"[.!?;:,]*[\"'\u201d]?[.!?;:,]*")
+_BETWEEN_QUOTES_RE = re.compile(r"[\s,;|/-]*")
+# The benchmark's options say "picture" or "Figure" where answers say "image": one word to the parser.
+_PICTURE_WORD_RE = re.compile(r"\b(?:picture|image|figure|photograph|photo)(?P<plural>s?)\b", re.IGNORECASE)
+
+
+def read_free_choice(text: str, options, *, strict: bool = False) -> str | None:
+  """The option letter a free-text answer chooses, or None when it names no option or several.
+
+  For external models, whose answers are free text ("B: Yes.", "(C) Sadness", "the closest option would be:
+  A: Neutral", "Answer: B", an option's text alone, or reasoning that ends in a choice). `options` is
+  letter -> text, or a list lettered A, B, ... The rules, in order:
+
+  1. A response with `<answer>` tags is read from its last block's content only, strictly (see 4); so is
+     any text with `strict=True` (`parse_answer` passes the block's content): this project's own format is
+     read strictly so that a GRPO reward cannot be earned by an answer that names two options.
+  2. Markdown emphasis is dropped; letters and option texts match ignoring case and trailing punctuation,
+     and "picture", "image", "figure", "photo" and "photograph" are one word (the options say "the first
+     picture" or "Figure 1" where answers say "the first image").
+  3. A copy of the question's option list is no answer: two or more options, each its letter and its own
+     text, one right after the other in the question's order (on one line or one per line, separated by
+     nothing but spaces and punctuation), are dropped before reading ("Choose one of: A: No. B: Yes.").
+  4. Mentions: a marked option letter ("(B)", "B:", "B)", "option B", "Answer: B", a letter alone on a
+     line; "B." only before an option's text or at the very end, where it cannot end a sentence about
+     something else). A letter followed by another option's text ("B: No" where B is "Yes"): in free text
+     the letter is the choice (the convention of VLMEvalKit's and lmms-eval's choice extraction, and the
+     EEmo-Bench judge's reading); read strictly, it names both, so it is ambiguous. Only when the response
+     marks no letter at all are option texts read as mentions (whole words; a text inside a longer option's
+     text counts as the longer one).
+  5. The deciding sentence: the response's first sentence if it names an option (answer first, reasons
+     after); otherwise the last sentence that names one (reasons first, conclusion last). Sentences end at
+     a line break or at ".", "!", "?" before a space; a line ending in ":" is a lead-in, not a sentence of
+     its own ("Analyzing the images:\n\nOption B seems most accurate." opens with B); a mention belongs to
+     the sentence it starts in.
+  6. The deciding sentence must name exactly one letter; two different letters give None.
+  """
+  choices = _lettered(options)
+  if not choices:
+    raise ValueError(f"read_free_choice needs the options the question offered (letter -> text or a list), "
+                     f"got {options!r}")
+  content = answer_content(text) if "<answer>" in (text or "") else None
+  strict = strict or content is not None
+  text = _same_picture_word(_MARKUP_RE.sub("", text if content is None else content))
+  texts = {letter: _same_picture_word(_option_key(value)) for letter, value in choices.items()}
+  text = _without_option_lists(text, texts).strip()
+  if not text:
+    return None
+  mentions = _letter_mentions(text, texts, strict) or _text_mentions(text.lower(), texts)
+  if not mentions:
+    return None
+  breaks = [m.end() for m in _SENTENCE_BREAK_RE.finditer(text)]
+  sentence = lambda start: bisect.bisect_right(breaks, start)  # noqa: E731
+  deciding = 0 if sentence(mentions[0][0]) == 0 else sentence(mentions[-1][0])
+  letters = {letter for start, named in mentions if sentence(start) == deciding for letter in named}
+  return letters.pop() if len(letters) == 1 else None
+
+
+def _option_key(text: str) -> str:
+  """An option's text as answers quote it: no markup, lower case, no trailing punctuation ("Yes." -> "yes")."""
+  return _MARKUP_RE.sub("", str(text)).strip().rstrip(".!?;:").strip().lower()
+
+
+def _same_picture_word(text: str) -> str:
+  """`text` with each of picture / image / figure / photo(graph) as "picture", keeping its case and plural."""
+  def replace(match: re.Match) -> str:
+    word = "picture" + match.group("plural")
+    return word.capitalize() if match.group(0)[0].isupper() else word
+  return _PICTURE_WORD_RE.sub(replace, text)
+
+
+def _without_option_lists(text: str, texts: Mapping[str, str]) -> str:
+  """`text` with each copy of the option list (rule 3 of `read_free_choice`) replaced by a line break."""
+  order = list(texts)
+  quotes = _own_text_quotes(text, texts)  # (start, end, letter), in order of appearance
+  runs, run = [], quotes[:1]
+  for quote in quotes[1:]:
+    last = run[-1]
+    follows = order.index(quote[2]) == order.index(last[2]) + 1
+    if follows and last[1] <= quote[0] and _BETWEEN_QUOTES_RE.fullmatch(text, last[1], quote[0]):
+      run.append(quote)
+    else:
+      runs.append(run)
+      run = [quote]
+  runs.append(run)
+  for run in reversed([r for r in runs if len(r) >= 2]):
+    text = text[:run[0][0]] + "\n" + text[run[-1][1]:]
+  return text
+
+
+def _own_text_quotes(text: str, texts: Mapping[str, str]) -> list[tuple[int, int, str]]:
+  """(start, end, letter) of each option letter followed by its own text ("B: Yes.", "(B) Yes"), in order."""
+  lower = text.lower()
+  quotes = []
+  for match in _MARKED_LETTER_RE.finditer(text):
+    letter = next(g for g in match.group("paren", "marked", "cued", "alone") if g is not None).upper()
+    key = texts.get(letter)
+    after = _AFTER_LETTER_RE.match(text, match.end()).end()
+    if key and _option_at(lower, after, {letter: key}) == letter:
+      quotes.append((match.start(), _AFTER_QUOTE_RE.match(text, after + len(key)).end(), letter))
+  return quotes
+
+
+def _letter_mentions(text: str, texts: Mapping[str, str], strict: bool) -> list[tuple[int, frozenset[str]]]:
+  """(start, letters named) of each marked option letter, in order of appearance."""
+  lower = text.lower()
+  mentions = []
+  for match in _MARKED_LETTER_RE.finditer(text):
+    letter = next(g for g in match.group("paren", "marked", "cued", "alone") if g is not None).upper()
+    if letter not in texts:
+      continue
+    after = _AFTER_LETTER_RE.match(text, match.end()).end()
+    named = _option_at(lower, after, texts)
+    if match.group("mark") == "." and named is None and text[after:].strip():
+      continue  # "B." followed by anything but an option's text ends a sentence ("plan B. Then ...")
+    mentions.append((match.start(), frozenset({letter} if named is None or not strict else {letter, named})))
+  return mentions
+
+
+def _option_at(lower: str, start: int, texts: Mapping[str, str]) -> str | None:
+  """The letter of the longest option text at `start` of `lower`, ending at a word boundary; None if none."""
+  best = None
+  for letter, key in texts.items():
+    end = start + len(key)
+    if key and lower.startswith(key, start) and not (end < len(lower) and lower[end].isalnum()):
+      best = letter if best is None or len(key) > len(texts[best]) else best
+  return best
+
+
+def _text_mentions(lower: str, texts: Mapping[str, str]) -> list[tuple[int, frozenset[str]]]:
+  """(start, letters) of each whole-word occurrence of an option's text, left to right.
+
+  One alternation, longest text first, scanned without overlaps: a text inside a longer option's text
+  ("Figure 1" in "Figure 1 and Figure 2") counts as the longer one, in linear time.
+  """
+  letters: dict[str, set[str]] = {}
+  for letter, key in texts.items():
+    if key:
+      letters.setdefault(key, set()).add(letter)
+  if not letters:
+    return []
+  pattern = _options_pattern(tuple(sorted(letters, key=len, reverse=True)))
+  return [(m.start(), frozenset(letters[m.group(0)])) for m in pattern.finditer(lower)]
+
+
+@functools.lru_cache(maxsize=256)
+def _options_pattern(keys: tuple[str, ...]) -> re.Pattern:
+  """Whole-word occurrences of any of `keys` (longest first), compiled once per option set."""
+  return re.compile(rf"(?<![a-z0-9])(?:{'|'.join(re.escape(key) for key in keys)})(?![a-z0-9])")
 
 
 def answer_options(record: Mapping):
