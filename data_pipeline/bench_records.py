@@ -12,7 +12,7 @@ item and the question they answer, and `source` names the file and item (`Ebench
 Each question is parsed on its own (`parse_bench_record`), so a malformed field costs only the questions
 that read it: a bad `judge_answer` skips `single/17/yes_no` and keeps the ranking and V/A/D of item 17.
 
-What each config reads (file formats: ../shared/data/eemo-bench/README.md):
+What each config reads (file formats: eemo_jax/eval/data/eemo_bench/README.md):
   single:   `image_name`; yes_no from `judge_Q`/`judge_A`/`judge_answer`; multiple_choice from
             `choose_Q`/`choose_A`/`choose_answer`; emotion_ranking from `emotion_list` (top 3 `[emotion, votes]`,
             strongest first); valence/arousal/dominance from the first figure (the mean) of `Valence`/...

@@ -317,6 +317,14 @@ def _eemo_tasks(features, image_hw, resized_hw, *, prompt_only: bool = False) ->
   return TaskPrompt(tasks.eemo_messages(record), truth_record=record)
 
 
+def task_record(features, task: str) -> dict:
+  """The record dict `task`'s prompt and ground truth are built from (question, options, answer, labels),
+  for a stored example's features: what evaluation writes beside each generated answer."""
+  if task.startswith("emoverse"):
+    return _emoverse_record(features)
+  return _eemo_record(features, len(features["images"]))
+
+
 TASKS: dict[str, TaskFn] = {
     "emoverse_ces": _emoverse_ces,  # CES: the Mikels class name; ces_label for the head
     "emoverse_bas": _emoverse_bas,  # B-A-S attribution with the subject box

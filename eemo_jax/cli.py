@@ -16,11 +16,13 @@ COMMANDS = {
     "parity": ("eemo_jax.commands.parity", "per-component differences against transformers"),
     "train": ("eemo_jax.commands.train", "run or resume an SFT run from a config (the same command on every host)"),
     "grpo": ("eemo_jax.commands.grpo", "run or resume a GRPO run from a config (the same command on every host)"),
+    "eval": ("eemo_jax.commands.eval", "score a benchmark predictions file, or a model over a built split; report"),
+    "predict": ("eemo_jax.commands.predict", "a model's emotion, DES, attribution or task answer for images"),
     "aot": ("eemo_jax.commands.aot", "compile a config's train step for a TPU topology; per-device memory and cost"),
 }
 
 
-CONFIG_COMMANDS = ("train", "grpo", "aot")  # take --config.key=value overrides
+CONFIG_COMMANDS = ("train", "grpo", "aot", "eval")  # take --config.key=value overrides
 
 
 def main(argv: list[str] | None = None) -> int:

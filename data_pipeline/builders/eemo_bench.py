@@ -25,8 +25,9 @@ from data_pipeline.builders.common import Attempt, RecordBuilder, eemo_features,
 from data_pipeline.errors import DatasetError, RecordError
 
 SPLIT = "test"
-# Annotation file names per config: this project's copy (../shared/data/eemo-bench), then the authors'
-# (EEmo-Logic `test_data/`), looked for in manual_dir and in the release's folders below it.
+# Annotation file names per config: this project's copy (eemo_jax/eval/data/eemo_bench), then the authors'
+# (EEmo-Logic `test_data/`), looked for in manual_dir and in the release's folders below it; when manual_dir
+# holds none, pass manual_dir=eemo_jax.eval.BENCH_DATA (the package's copy) and the images as image_root.
 ANNOTATION_FILES = {
     "single": ("Ebench_single.json", "Ebench_1_data(jac_en_check).json"),
     "pair": ("Ebench_pair.json", "Ebench_imgpir(en).json"),
@@ -94,8 +95,9 @@ def annotation_file(root: Path, config: str, annotations: str | os.PathLike | No
   found = next((p for p in candidates if p.is_file()), None)
   if found is None:
     raise DatasetError(f"no {config} annotation file in {root}: looked for {', '.join(ANNOTATION_FILES[config])} "
-                       f"(also under {', '.join(repr(d) for d in ANNOTATION_DIRS if d)}); put it there or pass "
-                       "annotations=<its path>")
+                       f"(also under {', '.join(repr(d) for d in ANNOTATION_DIRS if d)}); put it there, pass "
+                       "annotations=<its path>, or pass manual_dir=eemo_jax.eval.BENCH_DATA (the copy the package "
+                       "carries) with image_root=<your image folder>")
   return found
 
 

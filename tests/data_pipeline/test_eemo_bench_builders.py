@@ -19,12 +19,12 @@ from data_pipeline import bench_records, tasks
 from data_pipeline.builders import build, load_records
 from data_pipeline.errors import DatasetError, MissingFieldError
 from data_pipeline.records import OPTION_SETS
+from eemo_jax.eval import BENCH_DATA
 from eemo_jax.rl import parsing
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "eemo-bench"
+DATA = Path(BENCH_DATA)  # the annotations the package carries
 FILES = {"single": "Ebench_single.json", "pair": "Ebench_pair.json", "artemis": "cross_domain_ArtEmis.json",
          "artphoto": "cross_domain_ArtPhoto.json"}
-pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"the EEmo-Bench annotations are not at {DATA}")
 
 
 def _items(config):

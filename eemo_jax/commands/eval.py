@@ -1,0 +1,98 @@
+"""`eemo-jax eval`: score a benchmark predictions file, or run a model over a built split and score it.
+
+    eemo-jax eval --predictions "EEmo-Bench(gpt-4o-pair).json" --out runs/eval/gpt4o
+    eemo-jax eval --config configs/eemo_bench_eval.py --hf-dir /models/eemo-logic-7b --out runs/eval/single \\
+        --config.data.data_dir=/data --config.data.dataset_config=single
+    eemo-jax eval --config configs/tiny_demo.py --hf-dir runs/demo/export --out runs/demo/eval
+
+With `--config`, the model is `--hf-dir` or `--checkpoint` when given, else the config's export
+(`train.export_dir`), else `model.hf_dir`; the records are the config's data set, split `eval.split`.
+`--out` receives metrics.json (flat dotted names), report.md, the plots and predictions.json (the
+leaderboard format, every item scored). Exit 0 done, 2 something to fix (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def add_arguments(parser, name):
+  del name
+  source = parser.add_mutually_exclusive_group(required=True)
+  source.add_argument("--predictions", metavar="FILE", help="a predictions file in the benchmark's leaderboard format")
+  source.add_argument("--config", metavar="FILE[:ARG]", help="an experiment config: its data set and split")
+  parser.add_argument("--out", required=True, metavar="DIR", help="where metrics.json, report.md and plots go")
+  parser.add_argument("--hf-dir", metavar="DIR", help="the model as an HF folder (with the head files if any)")
+  parser.add_argument("--checkpoint", metavar="DIR", help="the model as an `eemo-jax import-hf` checkpoint")
+  parser.add_argument("--tokenizer-dir", metavar="DIR", help="tokenizer.json folder (default: the model's)")
+  parser.add_argument("--max-new-tokens", type=int, default=512, help="generation length per answer (512)")
+  parser.add_argument("--batch-size", type=int, default=0, help="prompts per generation batch (train.global_batch_size)")
+  parser.add_argument("--limit", type=int, default=0, help="evaluate the first N records only")
+  parser.add_argument("--no-level-scores", action="store_true", help="skip the V/A/D level-probability forward")
+  parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
+  parser.add_argument("--run-dir", metavar="DIR", help="a training run directory: plot its metrics.jsonl curves")
+  parser.add_argument("--strict", action="store_true", help="a malformed item in --predictions stops the run")
+  parser.epilog = "With --config, override any config field with --config.section.key=value."
+
+
+def run(args) -> int:
+  from eemo_jax.commands.train import user_errors
+  from eemo_jax.eval.loading import ModelSourceError
+  try:
+    summary = _from_file(args) if args.predictions else _from_model(args)
+  except (ModelSourceError, *user_errors()) as error:
+    print(f"eemo-jax eval: {error}", file=sys.stderr)
+    return 2
+  if summary is None:
+    return 2
+  print(summary)
+  return 0
+
+
+def _from_file(args) -> str:
+  from eemo_jax.eval.output import headline, write_outputs
+  from eemo_jax.eval.run import read_items, score_items
+  items, model = read_items(args.predictions)
+  metrics, scored, skipped = score_items(items, model, n_resamples=args.bootstrap, strict=args.strict)
+  paths = write_outputs(args.out, scored, metrics, model=model, extra={"skipped_items": len(skipped)},
+                        run_dir=args.run_dir)
+  for s in skipped:
+    print(f"eemo-jax eval: skipped item {s.id}: {s.message}", file=sys.stderr)
+  return f"scored {len(scored)} items of {model}\n{headline(metrics)}\nreport: {paths['report']}"
+
+
+def _from_model(args) -> str | None:
+  import dataclasses
+
+  from eemo_jax.config import ConfigError, config_from_args
+  from eemo_jax.eval.loading import load_eval_model
+  from eemo_jax.eval.output import headline
+  from eemo_jax.eval.run import EvalSettings, evaluate_model
+  from eemo_jax.parallel.sharding import make_mesh
+  from eemo_jax.train import run as runlib
+  config = config_from_args(args, "eval")
+  if config is None:
+    return None
+  hf_dir, checkpoint = args.hf_dir, args.checkpoint
+  if hf_dir is None and checkpoint is None:
+    export = config.train.export_dir
+    hf_dir = export if export and os.path.exists(os.path.join(export, "config.json")) else config.model.hf_dir
+    if not hf_dir:
+      raise ConfigError("no model to evaluate: pass --hf-dir or --checkpoint (the config names no export or "
+                        "model.hf_dir)")
+  mesh = make_mesh(dict(config.mesh.items()))
+  model = load_eval_model(hf_dir=hf_dir, checkpoint=checkpoint,
+                          tokenizer_dir=args.tokenizer_dir or config.data.tokenizer_dir or None,
+                          dtype=config.model.dtype, mesh=mesh)
+  pcfg = runlib.pipeline_config(config, model.backbone.config, split=config.eval.split, eval_mode=True)
+  pcfg = dataclasses.replace(pcfg, tokenizer_dir=model.tokenizer_dir, batch_size=args.batch_size or pcfg.batch_size)
+  settings = EvalSettings(max_new_tokens=args.max_new_tokens, limit=args.limit,
+                          level_scores=not args.no_level_scores, n_resamples=args.bootstrap,
+                          dataset=str(config.data.dataset_config or config.data.dataset))
+  import jax
+  with jax.set_mesh(mesh):
+    result = evaluate_model(model, pcfg, settings, out_dir=args.out, mesh=mesh, run_dir=args.run_dir)
+  return (f"evaluated {result.examples} records of {config.data.dataset}/{pcfg.split} with {model.name} in "
+          f"{result.seconds:.1f} s ({result.examples_per_second:.2f}/s)\n{headline(result.metrics)}\n"
+          f"report: {os.path.join(os.path.abspath(args.out), 'report.md')}")
