@@ -332,9 +332,9 @@ def read_answer_value(task: str, value: str, *, options=None, partial: bool = Fa
       `partial=True`, the first (up to) three distinct emotions of `options` among the items, skipping
       repeats and unknown words (None when there is none), for rewards that give partial credit;
     dominant_emotion -> the emotion, in the spelling of `options` when given (None if not among them);
-    yes_no / multiple_choice -> the option letter, read by `read_free_choice` when the options are known
-      (letter -> text, or a list lettered A, B, ...; yes_no defaults to A: No, B: Yes), so the letter, the
-      option's text or a sentence naming one option; without options, any letter ("D", "(D)", "D: ...");
+    yes_no / multiple_choice -> the option letter, read strictly by `read_free_choice` when the options are
+      known (letter -> text, or a list lettered A, B, ...; yes_no defaults to A: No, B: Yes), so the letter,
+      the option's text or a sentence naming one option; without options, any letter ("D", "(D)", "D: ...");
     open_ended -> the text.
   Emotions are matched ignoring case, surrounding punctuation, a trailing "(...)" remark and a plural "s",
   and through the authors' synonyms (`EMOTION_SYNONYMS`) when the word itself is not an option.
@@ -422,9 +422,11 @@ def read_free_choice(text: str, options, *, strict: bool = False) -> str | None:
      text counts as the longer one).
   5. The deciding sentence: the response's first sentence if it names an option (answer first, reasons
      after); otherwise the last sentence that names one (reasons first, conclusion last). Sentences end at
-     a line break or at ".", "!", "?" before a space; a line ending in ":" is a lead-in, not a sentence of
-     its own ("Analyzing the images:\n\nOption B seems most accurate." opens with B); a mention belongs to
-     the sentence it starts in.
+     a line break or at ".", "!", "?" before a space; a mention belongs to the sentence it starts in. A
+     line ending in ":" before prose is a heading, part of the sentence after it ("Analyzing the images:",
+     a blank line, "Option B seems most accurate." opens with B); before a list (a line opening with "-",
+     "1." or a label such as "Option A:", "Image 1:") it stays a sentence of its own, so that the first item
+     of a walk-through of the options is not taken for an answer given first.
   6. The deciding sentence must name exactly one letter; two different letters give None.
   """
   choices = _lettered(options)
