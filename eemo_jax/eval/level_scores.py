@@ -1,16 +1,21 @@
 """V/A/D scores from level-word probabilities: one forward pass per question, no generation.
 
-EEmo-Bench's README scores assessment two ways: from the number a model writes, and, for models whose
-numbers are unreliable, from its next-token distribution over level words (as Q-Bench does for quality):
-the model is asked to rate the dimension, its answer is begun for it ("The valence of the emotion this image
-evokes is"), and the probabilities of the first token of " high", " medium" and " low" are renormalised
-over those three and weighted 1, 0.5 and 0. The result is a score in [0, 1] that correlates with the
-human mean without any parsing; SRCC/PLCC of it are `assessment.level.*` in the metrics.
+EEmo-Bench's README scores assessment from the model's next-token distribution over three level words: the
+model is asked "How would you rate the valence this image evokes in the viewer? The level of valence this
+image evokes in the viewer is", the probabilities of the level words (valence: Positive / Neutral / Negative)
+are renormalised over the three and weighted 1, 0.5 and 0. The result is a score in [0, 1] whose SRCC/PLCC
+with the human means are `assessment.level.*`.
+
+Here the question is the user's turn (with the image) and the answer stem is begun as the assistant's, so a
+chat model continues its own answer; the words follow "is", so they are read with their leading space. A
+word's probability is the product of its tokens' probabilities (the three continuations are rows of one
+forward pass): with single-token words, as Qwen's vocabulary has them, that is exactly the README's softmax
+over the three next-token logits, and a small vocabulary that splits the words still gives the same quantity.
+Arousal and dominance use High / Medium / Low (the README defers their words to the paper, which is not
+public in full: inferred).
 
     scorer = LevelScorer(model, tokenizer, min_pixels=..., max_pixels=...)
     scores = scorer(images_per_question, dimensions)          # (N,) float32 in [0, 1]
-
-`level_prompt_ids` gives the exact token ids (the test feeds the same ids to transformers and compares).
 """
 
 from __future__ import annotations
@@ -28,78 +33,55 @@ from data_pipeline.tasks import VAD_DIMENSIONS
 from eemo_jax.eval import prompting
 from eemo_jax.model.qwen25vl import Qwen25VL
 
-LEVEL_WORDS = ("high", "medium", "low")
+LEVEL_WORDS = {"valence": ("Positive", "Neutral", "Negative"), "arousal": ("High", "Medium", "Low"),
+               "dominance": ("High", "Medium", "Low")}
 LEVEL_WEIGHTS = (1.0, 0.5, 0.0)
-LEVEL_QUESTION = ("How would you rate the {dimension} of the emotion this image evokes? "
-                  "Answer with one word: high, medium or low.")
-LEVEL_QUESTION_PAIR = ("How would you rate the {dimension} of the emotion these two images evoke together? "
-                       "Answer with one word: high, medium or low.")
-LEVEL_ANSWER_PREFIX = "The {dimension} of the emotion this image evokes is"
+LEVEL_QUESTION = "Assume you are an expert in emotional psychology. How would you rate the {dimension} {this} evokes in " \
+                 "the viewer?"
+LEVEL_ANSWER_STEM = "The level of {dimension} {this} evokes in the viewer is"
 
 
-def level_tokens(tokenizer) -> tuple[np.ndarray, np.ndarray]:
-  """The level words' shared leading tokens and (3,) int32 the first token at which they differ.
-
-  With Qwen's tokenizer " high", " medium" and " low" (they follow "is", so with the space) are single
-  tokens and share nothing. A smaller vocabulary may split them ("Ġ", "h", ...): the shared part is then
-  appended to the prompt, so that the next-token distribution still tells the three levels apart.
-  """
-  words = [tokenizer.encode(" " + word) for word in LEVEL_WORDS]
-  shared = 0
-  while all(len(w) > shared + 1 for w in words) and len({w[shared] for w in words}) == 1:
-    shared += 1
-  ids = [w[shared] for w in words]
-  if len(set(ids)) != len(ids):
-    raise ValueError(f"the level words {LEVEL_WORDS} are not told apart by one token in this tokenizer "
-                     f"({words}); level scores need three distinct next tokens")
-  return np.asarray(words[0][:shared], np.int32), np.asarray(ids, np.int32)
-
-
-def level_token_ids(tokenizer) -> np.ndarray:
-  """(3,) int32: the tokens whose probabilities are the levels' (see `level_tokens`)."""
-  return level_tokens(tokenizer)[1]
-
-
-def level_prompt_ids(tokenizer, dimension: str, image_grid_thw: Sequence[Sequence[int]], *,
-                     merge_size: int = 2) -> np.ndarray:
-  """(seq,) int32: the chat asking for the level of `dimension`, with the answer begun for the model."""
+def level_prompt(tokenizer, dimension: str, image_grid_thw: Sequence[Sequence[int]], *,
+                 merge_size: int = 2) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+  """(prompt ids (seq,) int32, the three level words' ids) for `dimension` about one image or a pair."""
   if dimension not in VAD_DIMENSIONS:
     raise ValueError(f"dimension must be one of {VAD_DIMENSIONS}, got {dimension!r}")
-  question = (LEVEL_QUESTION if len(image_grid_thw) == 1 else LEVEL_QUESTION_PAIR).format(dimension=dimension)
-  content = [{"type": "image"} for _ in image_grid_thw] + [{"type": "text", "text": question}]
-  chat = encode_chat([{"role": "user", "content": content}], tokenizer, image_grid_thw, merge_size=merge_size,
-                     add_generation_prompt=True)
-  prefix = tokenizer.encode(LEVEL_ANSWER_PREFIX.format(dimension=dimension))
-  shared, _ = level_tokens(tokenizer)
-  return np.concatenate([chat.input_ids, np.asarray(prefix, np.int32), shared]).astype(np.int32)
+  this = "this image" if len(image_grid_thw) == 1 else "this pair of images"
+  content = [{"type": "image"} for _ in image_grid_thw] + [
+      {"type": "text", "text": LEVEL_QUESTION.format(dimension=dimension, this=this)}]
+  chat = encode_chat([{"role": "user", "content": content}], tokenizer, image_grid_thw,
+                               merge_size=merge_size, add_generation_prompt=True)
+  stem = tokenizer.encode(LEVEL_ANSWER_STEM.format(dimension=dimension, this=this))
+  words = tuple(np.asarray(tokenizer.encode(" " + w), np.int32) for w in LEVEL_WORDS[dimension])
+  return np.concatenate([chat.input_ids, np.asarray(stem, np.int32)]).astype(np.int32), words
 
 
-def scores_from_logits(logits: jax.Array, level_ids) -> jax.Array:
-  """(N, vocab) next-token logits -> (N,) Σ_level softmax over the three level tokens × its weight."""
-  picked = jnp.take(logits.astype(jnp.float32), jnp.asarray(level_ids), axis=-1)  # (N, 3)
-  return jax.nn.softmax(picked, axis=-1) @ jnp.asarray(LEVEL_WEIGHTS, jnp.float32)
+def scores_from_word_logprobs(logprobs) -> jax.Array:
+  """(N, 3) log-probabilities of the three level words -> (N,) Σ softmax × (1, 0.5, 0)."""
+  return jax.nn.softmax(jnp.asarray(logprobs, jnp.float32), axis=-1) @ jnp.asarray(LEVEL_WEIGHTS, jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _forward_scores(graphdef, state, inputs, level_ids):
+def _word_logprobs(graphdef, state, inputs, targets, target_mask):
+  """(rows,) Σ log p(token) over each row's marked tokens (the level word ending the row)."""
   model = nnx.merge(graphdef, state)
-  out = model(inputs.input_ids, inputs.attention_mask, position_ids=inputs.position_ids, vision=inputs.vision,
-              logits_for="last")
-  return scores_from_logits(out.logits[:, -1], level_ids)
+  out = model(inputs.input_ids, inputs.attention_mask, position_ids=inputs.position_ids, vision=inputs.vision)
+  logp = jax.nn.log_softmax(out.logits[:, :-1].astype(jnp.float32), axis=-1)  # (rows, seq-1, vocab)
+  picked = jnp.take_along_axis(logp, targets[:, 1:, None], axis=-1)[..., 0]  # (rows, seq-1)
+  return jnp.sum(jnp.where(target_mask[:, 1:], picked, 0.0), axis=-1)
 
 
 class LevelScorer:
-  """Scores questions in fixed-size micro-batches, left-padded, with a fixed patch budget per micro-batch,
-  so a whole benchmark compiles a handful of shapes."""
+  """Scores questions in fixed-size micro-batches (three rows each: one per level word), left-padded, with a
+  fixed patch budget, so a whole benchmark compiles a handful of shapes."""
 
-  def __init__(self, model: Qwen25VL, tokenizer, *, batch_size: int = 8, min_pixels: int = 56 * 56,
+  def __init__(self, model: Qwen25VL, tokenizer, *, batch_size: int = 4, min_pixels: int = 56 * 56,
                max_pixels: int = 448 * 448):
     self.graphdef, self.state = nnx.split(model)
     self.config = model.config
     self.tokenizer = tokenizer
     self.batch_size = batch_size
     self.min_pixels, self.max_pixels = min_pixels, max_pixels
-    self.level_ids = level_token_ids(tokenizer)
     pad = model.config.pad_token_id
     self.pad_id = int(pad if pad is not None else tokenizer.special.pad)
 
@@ -115,15 +97,23 @@ class LevelScorer:
 
   def _batch(self, images, dimensions) -> np.ndarray:
     v = self.config.vision
-    rows = []
+    rows, word_lengths = [], []
     for row_images, dimension in zip(images, dimensions):
       processed = prompting.preprocess(row_images, v, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
       grids = [tuple(int(x) for x in p["image_grid_thw"][0]) for p in processed]
-      rows.append(prompting.PromptRow(
-          input_ids=level_prompt_ids(self.tokenizer, dimension, grids, merge_size=v.spatial_merge_size),
-          pixel_values=np.concatenate([p["pixel_values"] for p in processed]),
-          image_grid_thw=np.asarray(grids, np.int64), resized_hw=()))
-    inputs, real = prompting.collate(rows, self.config, batch_size=self.batch_size, pad_id=self.pad_id,
+      prompt, words = level_prompt(self.tokenizer, dimension, grids, merge_size=v.spatial_merge_size)
+      pixels = np.concatenate([p["pixel_values"] for p in processed])
+      for word in words:
+        rows.append(prompting.PromptRow(input_ids=np.concatenate([prompt, word]), pixel_values=pixels,
+                                        image_grid_thw=np.asarray(grids, np.int64), resized_hw=()))
+        word_lengths.append(len(word))
+    inputs, real = prompting.collate(rows, self.config, batch_size=3 * self.batch_size, pad_id=self.pad_id,
                                      max_pixels=self.max_pixels)
-    scores = _forward_scores(self.graphdef, self.state, jax.tree.map(jnp.asarray, inputs), self.level_ids)
-    return np.asarray(scores)[:real]
+    word_lengths += [word_lengths[-1]] * (3 * self.batch_size - real)
+    mask = np.zeros(inputs.input_ids.shape, bool)  # (rows, seq): the level word's tokens, at the row's end
+    for r, n in enumerate(word_lengths):
+      mask[r, mask.shape[1] - n:] = True
+    logprobs = _word_logprobs(self.graphdef, self.state, jax.tree.map(jnp.asarray, inputs),
+                              jnp.asarray(inputs.input_ids), jnp.asarray(mask))
+    per_word = np.asarray(logprobs)[:real].reshape(-1, 3)  # (questions, 3)
+    return np.asarray(scores_from_word_logprobs(per_word))

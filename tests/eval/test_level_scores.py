@@ -39,26 +39,32 @@ def exported(tmp_path_factory):
 
 
 def _transformers_scores(folder, tokenizer, images, dimensions):
+  """The README's computation on transformers' logits, one question and one level word at a time, unpadded."""
   import torch
   from transformers import Qwen2_5_VLForConditionalGeneration
   ref = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, attn_implementation="eager").eval()
-  level_ids = level_scores.level_token_ids(tokenizer)
   out = []
-  for row_images, dimension in zip(images, dimensions):  # one question at a time, no padding
+  for row_images, dimension in zip(images, dimensions):
     processed = [preprocess_image(p, **PIXELS) for p in row_images]
     grids = [tuple(int(x) for x in p["image_grid_thw"][0]) for p in processed]
-    ids = level_scores.level_prompt_ids(tokenizer, dimension, grids)[None].astype(np.int64)
-    with torch.no_grad():
-      logits = ref(input_ids=torch.tensor(ids), attention_mask=torch.ones_like(torch.tensor(ids)),
-                   pixel_values=torch.tensor(np.concatenate([p["pixel_values"] for p in processed])),
-                   image_grid_thw=torch.tensor(np.concatenate([p["image_grid_thw"] for p in processed])),
-                   mm_token_type_ids=torch.tensor((ids == ref.config.image_token_id).astype(np.int64))).logits
-    probs = torch.softmax(logits[0, -1, torch.tensor(level_ids)].double(), dim=-1).numpy()
-    out.append(float(probs @ np.asarray(level_scores.LEVEL_WEIGHTS)))
+    prompt, words = level_scores.level_prompt(tokenizer, dimension, grids)
+    word_logprobs = []
+    for word in words:
+      ids = np.concatenate([prompt, word])[None].astype(np.int64)
+      with torch.no_grad():
+        logits = ref(input_ids=torch.tensor(ids), attention_mask=torch.ones_like(torch.tensor(ids)),
+                     pixel_values=torch.tensor(np.concatenate([p["pixel_values"] for p in processed])),
+                     image_grid_thw=torch.tensor(np.concatenate([p["image_grid_thw"] for p in processed])),
+                     mm_token_type_ids=torch.tensor((ids == ref.config.image_token_id).astype(np.int64))).logits
+      logp = torch.log_softmax(logits[0].double(), dim=-1).numpy()  # (seq, vocab)
+      n = len(prompt)
+      word_logprobs.append(sum(logp[n - 1 + k, int(t)] for k, t in enumerate(word)))
+    probs = np.exp(word_logprobs - np.max(word_logprobs))
+    out.append(float(probs / probs.sum() @ np.asarray(level_scores.LEVEL_WEIGHTS)))
   return np.asarray(out)
 
 
-def test_level_scores_equal_transformers_softmax_over_the_level_tokens(exported):
+def test_level_scores_equal_transformers_on_the_level_words(exported):
   import eemo_jax
   folder, tokenizer = exported
   photos = sorted(os.path.join(PHOTOS, f) for f in os.listdir(PHOTOS) if f.endswith(".jpg"))[:3]
@@ -66,30 +72,31 @@ def test_level_scores_equal_transformers_softmax_over_the_level_tokens(exported)
   dimensions = ["valence", "arousal", "dominance", "valence", "arousal"]
   with jax.default_matmul_precision("highest"):
     scorer = level_scores.LevelScorer(eemo_jax.load_hf(folder), tokenizer, batch_size=2, **PIXELS)
-    ours = scorer(images, dimensions)  # micro-batches of 2, left-padded, the last one short
+    ours = scorer(images, dimensions)  # micro-batches of 2 questions (6 rows), left-padded, the last one short
   theirs = _transformers_scores(folder, tokenizer, images, dimensions)
   assert ours.shape == (5,) and np.all((ours >= 0) & (ours <= 1))
   np.testing.assert_allclose(ours, theirs, atol=2e-5)
   assert np.ptp(theirs) > 1e-4  # the questions are told apart: the check is not of a constant
 
 
-def test_level_tokens_are_three_distinct_first_tokens(exported):
+def test_the_prompt_is_the_readmes_question_and_stem(exported):
   _, tokenizer = exported
-  shared, ids = level_scores.level_tokens(tokenizer)
-  assert len(set(ids.tolist())) == 3
-  for token, word in zip(ids, level_scores.LEVEL_WORDS):
-    assert (" " + word).startswith(tokenizer.decode(shared.tolist() + [int(token)]))
+  prompt, words = level_scores.level_prompt(tokenizer, "valence", [(1, 4, 4)])
+  text = tokenizer.decode(prompt.tolist())
+  assert "How would you rate the valence this image evokes in the viewer?" in text
+  assert text.endswith("The level of valence this image evokes in the viewer is")
+  assert [tokenizer.decode(w.tolist()) for w in words] == [" Positive", " Neutral", " Negative"]
+  _, words = level_scores.level_prompt(tokenizer, "dominance", [(1, 4, 4), (1, 4, 4)])
+  assert [tokenizer.decode(w.tolist()) for w in words] == [" High", " Medium", " Low"]
 
 
-def test_scores_from_logits_weights_the_renormalised_levels():
-  logits = np.full((2, 10), -5.0, np.float32)
-  logits[0, [1, 2, 3]] = [np.log(0.6), np.log(0.3), np.log(0.1)]  # high, medium, low
-  logits[1, 7] = 50.0  # a token that is no level word does not count
-  scores = np.asarray(level_scores.scores_from_logits(logits, np.array([1, 2, 3])))
-  np.testing.assert_allclose(scores, [0.6 + 0.5 * 0.3, 0.5], rtol=1e-6)
+def test_single_token_words_give_the_softmax_over_their_logits():
+  """With one token per word, the score is the README's: softmax over the three next-token logits."""
+  logp = np.log(np.array([[0.6, 0.3, 0.1], [0.2, 0.2, 0.2]]))  # unnormalised over the vocabulary is fine
+  np.testing.assert_allclose(np.asarray(level_scores.scores_from_word_logprobs(logp)), [0.6 + 0.15, 0.5], rtol=1e-6)
 
 
 def test_an_unknown_dimension_is_refused(exported):
   _, tokenizer = exported
   with pytest.raises(ValueError, match="valence"):
-    level_scores.level_prompt_ids(tokenizer, "happiness", [(1, 4, 4)])
+    level_scores.level_prompt(tokenizer, "happiness", [(1, 4, 4)])
