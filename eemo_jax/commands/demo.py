@@ -5,11 +5,14 @@
    and composition carry the emotion; see data_pipeline/synthetic.py);
 3. runs SFT of a tiny Qwen2.5-VL with the EmoVerse head (configs/tiny_demo.py), live progress line,
    metrics in JSONL and TensorBoard, Orbax checkpoints;
-4. evaluates CES accuracy on the held-out synthetic images (chance is 1/8);
-5. exports the HF folder (+ the head's safetensors);
+4. exports the HF folder (+ the head's safetensors);
+5. evaluates the export on the held-out synthetic images with `eemo-jax eval`'s code (CES accuracy of the
+   head, chance 1/8, and of the generated answers; report, confusion matrix and training curves in
+   `eval/sft/`);
 6. loads the export with transformers and compares its logits with EEmo-JAX's on held-out examples;
 7. runs a short GRPO stage from that export (configs/tiny_demo_grpo.py: G completions per CES prompt,
-   EmoVerse's category reward) and prints the held-out mean reward before and after.
+   EmoVerse's category reward), prints the held-out mean reward before and after, and evaluates the GRPO
+   export's generated answers the same way (`eval/grpo/`).
 
 Nothing is downloaded. A second run reuses the tokenizer and data and trains again from scratch.
 """
@@ -82,10 +85,13 @@ def run(args) -> int:
   _say(f"      {summary.steps} steps in {summary.seconds:.0f} s; metrics in {run_dir}/metrics.jsonl and "
        f"{run_dir}/tensorboard")
 
-  accuracy = summary.eval_metrics.get("ces_accuracy", float("nan"))
-  _say(f"[4/7] held-out CES accuracy: {accuracy:.3f} on the test split (chance {CHANCE:.3f})")
+  _say(f"[4/7] exported the HF folder and the head -> {summary.export_dir}")
 
-  _say(f"[5/7] exported the HF folder and the head -> {summary.export_dir}")
+  sft_eval = _evaluate(summary.export_dir, tokenizer_dir, config, os.path.join(out, "eval", "sft"), run_dir)
+  accuracy = sft_eval.metrics.get("emoverse.ces.accuracy", float("nan"))
+  answers = sft_eval.metrics.get("emoverse.answer.accuracy", float("nan"))
+  _say(f"[5/7] eval on the {sft_eval.examples} held-out images: CES accuracy {accuracy:.3f} from the head, "
+       f"{answers:.3f} from the generated answers (chance {CHANCE:.3f}); report {out}/eval/sft/report.md")
 
   _say("[6/7] transformers loads the export; logits against EEmo-JAX on held-out examples")
   try:
@@ -100,7 +106,9 @@ def run(args) -> int:
   if args.grpo_steps != 0:
     grpo_overrides = [f"--config.train.run_dir={grpo_dir}", f"--config.data.data_dir={data_dir}",
                       f"--config.data.tokenizer_dir={tokenizer_dir}", f"--config.model.hf_dir={summary.export_dir}",
-                      f"--config.train.seed={args.seed}"]
+                      f"--config.train.seed={args.seed}",
+                      f"--config.train.export_dir={os.path.join(out, 'grpo_export')}",
+                      "--config.train.export_overwrite=true"]
     if args.grpo_steps is not None:
       grpo_overrides.append(f"--config.train.steps={args.grpo_steps}")
     grpo_config = load_config(_config_path("tiny_demo_grpo.py"), grpo_overrides)
@@ -113,6 +121,11 @@ def run(args) -> int:
     _say(f"      {rl.steps} steps in {rl.seconds:.0f} s; held-out mean reward {before:.3f} before, {after:.3f} after "
          f"({grpo_config.eval.batches * grpo_config.train.global_batch_size // grpo_config.grpo.num_generations} "
          f"prompts x {grpo_config.grpo.num_generations} samples); completions in {grpo_dir}/samples.jsonl")
+    if rl.export_dir:
+      grpo_eval = _evaluate(rl.export_dir, tokenizer_dir, config, os.path.join(out, "eval", "grpo"), grpo_dir)
+      _say(f"      eval of the GRPO export: generated answers' CES accuracy "
+           f"{grpo_eval.metrics.get('emoverse.answer.accuracy', float('nan')):.3f} (SFT: {answers:.3f}); "
+           f"report {out}/eval/grpo/report.md")
   _say(f"\n{'OK' if ok else 'FAILED'} in {time.time() - start:.0f} s.\n  tokenizer {tokenizer_dir}\n  data      "
        f"{data_dir}\n  run       {run_dir}\n  export    {summary.export_dir}"
        + (f"\n  grpo      {grpo_dir}" if args.grpo_steps != 0 else ""))
@@ -120,6 +133,30 @@ def run(args) -> int:
     print(f"CES accuracy {accuracy:.3f} is below {MIN_ACCURACY}: training did not learn the synthetic cues",
           file=sys.stderr)
   return 0 if ok else 1
+
+
+def _evaluate(model_dir: str, tokenizer_dir: str, config, out_dir: str, run_dir: str):
+  """`eemo-jax eval --config configs/tiny_demo.py --hf-dir MODEL_DIR`: the held-out split, scored and reported."""
+  import dataclasses
+
+  from eemo_jax.eval.loading import load_eval_model
+  from eemo_jax.eval.run import EvalSettings, evaluate_model
+  from eemo_jax.train.run import pipeline_config
+  model = load_eval_model(hf_dir=model_dir, tokenizer_dir=tokenizer_dir)
+  pcfg = pipeline_config(config, model.backbone.config, split=config.eval.split, eval_mode=True)
+  pcfg = dataclasses.replace(pcfg, tokenizer_dir=tokenizer_dir)
+  return evaluate_model(model, pcfg, EvalSettings(max_new_tokens=8, level_scores=False), out_dir=out_dir,
+                        run_dir=run_dir, progress_stream=_Quiet())
+
+
+class _Quiet:
+  """Drops the evaluation's progress line (the demo prints its own summary)."""
+
+  def write(self, text: str) -> None:
+    del text
+
+  def flush(self) -> None:
+    pass
 
 
 def _check_with_transformers(export_dir: str, data_dir: str, tokenizer, data, examples: int = 4):
