@@ -33,6 +33,8 @@ def add_arguments(parser, name):
   parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
   parser.add_argument("--run-dir", metavar="DIR", help="a training run directory: plot its metrics.jsonl curves")
   parser.add_argument("--strict", action="store_true", help="a malformed item in --predictions stops the run")
+  parser.add_argument("--judge-hf-dir", metavar="DIR", help="a local model (HF folder) that rates open-ended answers "
+                      "without ratings, five times each, with the benchmark's judge prompt (eemo_jax/eval/judge.py)")
   parser.epilog = "With --config, override any config field with --config.section.key=value."
 
 
@@ -54,7 +56,8 @@ def _from_file(args) -> str:
   from eemo_jax.eval.output import headline, write_outputs
   from eemo_jax.eval.run import read_items, score_items
   items, model = read_items(args.predictions)
-  metrics, scored, skipped = score_items(items, model, n_resamples=args.bootstrap, strict=args.strict)
+  metrics, scored, skipped = score_items(items, model, n_resamples=args.bootstrap, strict=args.strict,
+                                         judge=_judge(args))
   paths = write_outputs(args.out, scored, metrics, model=model, extra={"skipped_items": len(skipped)},
                         run_dir=args.run_dir)
   for s in skipped:
@@ -92,7 +95,16 @@ def _from_model(args) -> str | None:
                           dataset=str(config.data.dataset_config or config.data.dataset))
   import jax
   with jax.set_mesh(mesh):
-    result = evaluate_model(model, pcfg, settings, out_dir=args.out, mesh=mesh, run_dir=args.run_dir)
+    result = evaluate_model(model, pcfg, settings, out_dir=args.out, mesh=mesh, run_dir=args.run_dir,
+                            judge=_judge(args))
   return (f"evaluated {result.examples} records of {config.data.dataset}/{pcfg.split} with {model.name} in "
           f"{result.seconds:.1f} s ({result.examples_per_second:.2f}/s)\n{headline(result.metrics)}\n"
           f"report: {os.path.join(os.path.abspath(args.out), 'report.md')}")
+
+
+def _judge(args):
+  if not args.judge_hf_dir:
+    return None
+  from eemo_jax.eval.judge import ModelJudge
+  from eemo_jax.eval.loading import load_eval_model
+  return ModelJudge(load_eval_model(hf_dir=args.judge_hf_dir))

@@ -25,7 +25,7 @@ LENGTH_BUCKET = 32
 @dataclasses.dataclass(frozen=True)
 class PromptRow:
   input_ids: np.ndarray  # (seq,) int32, ending where the model continues
-  pixel_values: np.ndarray  # (patches, C * t * p * p) float32, the row's images in order
+  pixel_values: np.ndarray | None  # (patches, C * t * p * p) float32, the row's images in order; None: text only
   image_grid_thw: np.ndarray  # (images, 3) int64
   resized_hw: tuple[tuple[int, int], ...]  # each image's (height, width) after the processor's resize
 
@@ -44,8 +44,8 @@ def encode_prompt(messages: list[dict], images: Sequence, tokenizer, vision, *, 
   chat = encode_chat(messages, tokenizer, grids, merge_size=vision.spatial_merge_size, add_generation_prompt=True)
   ids = np.concatenate([chat.input_ids, np.asarray(suffix, np.int32)]).astype(np.int32)
   patch = vision.patch_size
-  return PromptRow(input_ids=ids, pixel_values=np.concatenate([p["pixel_values"] for p in processed]),
-                   image_grid_thw=np.asarray(grids, np.int64),
+  pixels = np.concatenate([p["pixel_values"] for p in processed]) if processed else None
+  return PromptRow(input_ids=ids, pixel_values=pixels, image_grid_thw=np.asarray(grids, np.int64).reshape(-1, 3),
                    resized_hw=tuple((g[1] * patch, g[2] * patch) for g in grids))
 
 
@@ -64,7 +64,9 @@ def collate(rows: Sequence[PromptRow], config, *, batch_size: int, pad_id: int, 
   unit = v.spatial_merge_size ** 2
   per_image = max_pixels // v.patch_size ** 2 + 4 * unit  # the most patches one resized image can have
   images = max(len(r.image_grid_thw) for r in rows)
+  if not images:  # text only (the judge's prompts)
+    return prepare_inputs(config, ids, mask), real
   budget = -(-batch_size * images * per_image // (unit * 64)) * unit * 64
-  inputs = prepare_inputs(config, ids, mask, np.concatenate([r.pixel_values for r in rows]),
+  inputs = prepare_inputs(config, ids, mask, np.concatenate([r.pixel_values for r in rows if r.pixel_values is not None]),
                           np.concatenate([r.image_grid_thw for r in rows]), patch_budget=budget)
   return inputs, real
