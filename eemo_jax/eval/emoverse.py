@@ -20,7 +20,7 @@ LABELS = tuple(e.lower() for e in tasks.MIKELS_8)  # the head's class order (pip
 def score(items: list[dict], model_name: str, *, n_resamples: int = 1000) -> tuple[dict, list[dict]]:
   response_key = f"response({model_name})"
   true = np.asarray([_label(i["correct_answer"]) for i in items], np.int64)  # (N,)
-  answers = [tasks.parse_ces_answer(i.get(response_key) or "") for i in items]
+  answers = [_answer_emotion(i.get(response_key) or "", i.get("task", "")) for i in items]
   generated = np.asarray([_label(a) if a else -1 for a in answers], np.int64)  # (N,), -1 unparsed
   out: dict[str, float] = {}
   _classification(out, "emoverse.answer", true, generated, n_resamples)
@@ -45,10 +45,11 @@ def score(items: list[dict], model_name: str, *, n_resamples: int = 1000) -> tup
   if bas:
     parsed = [tasks.parse_emoverse_answer(i.get(response_key) or "") for i in bas]
     out["emoverse.bas.parse_rate"] = float(np.mean([p is not None and p.description is not None for p in parsed]))
-    boxed = [(p.boxes[0], i["correct_box"]) for p, i in zip(parsed, bas) if i.get("correct_box")]
-    if boxed:
+    boxed = [(p.boxes[0] if p is not None and p.boxes else None, i["correct_box"]) for p, i in zip(parsed, bas)
+             if i.get("correct_box")]
+    if boxed:  # a missing or unreadable box scores 0
       iou = np.asarray([m.box_iou(np.asarray([pred], float), np.asarray([truth], float))[0] if pred is not None
-                        else 0.0 for pred, truth in ((b[0] if b[0] else None, b[1]) for b in boxed)])
+                        else 0.0 for pred, truth in boxed])
       m.with_ci(out, "emoverse.box.iou", np.mean, iou, n_resamples=n_resamples)
       out["emoverse.box.iou50"] = float(np.mean(iou >= 0.5))
   scored = []
@@ -70,6 +71,14 @@ def confusion(items: list[dict], model_name: str) -> tuple[np.ndarray, tuple[str
   else:
     pred = np.asarray([_label(i.get(f"parsed({model_name})") or "") for i in items])
   return m.confusion_matrix(true, pred, len(LABELS)), LABELS
+
+
+def _answer_emotion(text: str, task: str) -> str | None:
+  """The Mikels class a generated answer names: a B-A-S answer's `emotion` field, a CES answer's one word."""
+  if task in ("emoverse_bas", "emoverse_des"):
+    parsed = tasks.parse_emoverse_answer(text)
+    return parsed.emotion if parsed is not None else None
+  return tasks.parse_ces_answer(text)
 
 
 def _label(name: str) -> int:

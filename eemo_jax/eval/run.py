@@ -91,7 +91,8 @@ def generate_predictions(model: EvalModel, pcfg, settings: EvalSettings, *, sour
         text = model.tokenizer.decode([int(t) for t in tokens[row][mask[row].astype(bool)]],
                                       skip_special_tokens=True)
         record, features = records[record_id]
-        item = prediction_item(record, features, pcfg.task, model.name, text, dataset=settings.dataset)
+        item = prediction_item(record, features, pcfg.task, model.name, text, dataset=settings.dataset,
+                               resized_hw=_resized_hw(features, pcfg))
         if head is not None:
           item["head_probs"] = [float(p) for p in head[0][row]]
           item["des"] = [float(x) for x in head[1][row]]
@@ -107,16 +108,31 @@ def generate_predictions(model: EvalModel, pcfg, settings: EvalSettings, *, sour
   return items, time.time() - started
 
 
-def prediction_item(record: dict, features, task: str, model_name: str, response: str, *, dataset: str = "") -> dict:
-  """One record and the model's answer as a leaderboard item (`eemo_jax.eval.predictions`)."""
+def _resized_hw(features, pcfg) -> tuple[int, int] | None:
+  """The (height, width) the processor resized an EmoVerse record's image to: the pixels its answer's boxes are in."""
+  if "width" not in features:
+    return None
+  from data_pipeline.image_processor import smart_resize
+  return smart_resize(int(features["height"]), int(features["width"]), factor=pcfg.patch_size * pcfg.merge_size,
+                      min_pixels=pcfg.min_pixels, max_pixels=pcfg.max_pixels)
+
+
+def prediction_item(record: dict, features, task: str, model_name: str, response: str, *, dataset: str = "",
+                    resized_hw: tuple[int, int] | None = None) -> dict:
+  """One record and the model's answer as a leaderboard item (`eemo_jax.eval.predictions`). EmoVerse boxes are
+  given in pixels of the resized image (`resized_hw`), as the model answers them."""
   images = int(len(features["images"])) if "images" in features else 1
   base = {"id": record["id"], "image1_url": f"{record['id']}#1", f"response({model_name})": response}
   if images > 1:
     base["image2_url"] = f"{record['id']}#2"
   if task.startswith("emoverse"):
-    box = record.get("bbox") or []
+    from data_pipeline.tasks import scale_box
+    boxes = record.get("bbox") or []
+    box = None
+    if boxes and resized_hw is not None:
+      box = list(scale_box(boxes[0], (int(features["height"]), int(features["width"])), resized_hw))
     return {**base, "question_type": CES_TYPE, "question": "", "correct_answer": record["emotion"],
-            "task": task, "correct_box": box[0] if box else None,
+            "task": task, "correct_box": box,
             "correct_des": [float(x) for x in np.asarray(features["des"]).ravel()] if _has_des(features) else None}
   kind = record["task"]
   item = {**base, "question": record.get("question", ""), "question_type": QUESTION_TYPES[kind], "task": kind}
