@@ -104,16 +104,11 @@ def read_predictions(source: str | os.PathLike | Sequence[Mapping], *, strict: b
   where = "the items given"
   if isinstance(source, (str, os.PathLike)):
     where = os.fspath(source)
-    try:
-      with open(source, encoding="utf-8") as f:
-        source = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-      raise DatasetError(f"cannot read the prediction file {where}: {e}. Give a JSON list of items in the "
-                         "EEmo-Bench leaderboard format") from e
-  if isinstance(source, (str, bytes)) or not isinstance(source, Sequence) \
+    source = load_items(source)
+  elif isinstance(source, (str, bytes)) or not isinstance(source, Sequence) \
       or not all(isinstance(item, Mapping) for item in source):
-    raise DatasetError(f"{where} is not a JSON list of items (objects); write one object per question")
-  model = _model(source, where)
+    raise DatasetError(f"{where} is not a list of items (objects); give one object per question")
+  model = model_of(source, where)
   items, skipped = [], []
   for index, raw in enumerate(source):
     try:
@@ -123,6 +118,20 @@ def read_predictions(source: str | os.PathLike | Sequence[Mapping], *, strict: b
         raise
       skipped.append(Skipped(_item_id(raw, index), e.field, str(e)))
   return PredictionFile(model=model, items=tuple(items), skipped=tuple(skipped))
+
+
+def load_items(path: str | os.PathLike) -> list[dict]:
+  """A prediction file's raw items (a JSON list of objects), unchecked."""
+  where = os.fspath(path)
+  try:
+    with open(path, encoding="utf-8") as f:
+      items = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise DatasetError(f"cannot read the prediction file {where}: {e}. Give a JSON list of items in the "
+                       "EEmo-Bench leaderboard format") from e
+  if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+    raise DatasetError(f"{where} is not a JSON list of items (objects); write one object per question")
+  return items
 
 
 def prediction_from_item(raw: Mapping, model: str, *, index: int | None = None) -> Prediction:
@@ -266,7 +275,8 @@ _TYPE_READERS = {YES_NO: _choice_fields, WHAT_HOW: _choice_fields, OPEN_ENDED: _
 # --------------------------------------------------------------------------------------------------
 
 
-def _model(items: Sequence[Mapping], where: str) -> str:
+def model_of(items: Sequence[Mapping], where: str) -> str:
+  """The one model whose `response(MODEL)` the items hold."""
   models = {m.group(1) for item in items for key in item if (m := _MODEL_KEY_RE.fullmatch(str(key)))}
   if len(models) != 1:
     found = f"found {sorted(models)}" if models else "no item has one"

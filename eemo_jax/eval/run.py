@@ -223,24 +223,9 @@ def score_items(items: list[dict], model_name: str, *, n_resamples: int = 1000, 
 
 def read_items(path: str) -> tuple[list[dict], str]:
   """A predictions file's raw items and its model (from the `response(MODEL)` keys)."""
-  import json
-  import os
-  import re
-
-  from data_pipeline.errors import DatasetError
-  try:
-    with open(path, encoding="utf-8") as f:
-      items = json.load(f)
-  except (OSError, json.JSONDecodeError) as e:
-    raise DatasetError(f"cannot read the prediction file {os.fspath(path)}: {e}. Give a JSON list of items in the "
-                       "EEmo-Bench leaderboard format") from e
-  if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
-    raise DatasetError(f"{path} is not a JSON list of items (objects); write one object per question")
-  models = {m.group(1) for i in items for k in i for m in [re.fullmatch(r"response\((.+)\)", k)] if m}
-  if len(models) != 1:
-    raise DatasetError(f"{path} must hold one model's responses under response(MODEL) keys; found "
-                       f"{sorted(models) or 'none'}")
-  return items, models.pop()
+  from eemo_jax.eval.predictions import load_items, model_of
+  items = load_items(path)
+  return items, model_of(items, str(path))
 
 
 def evaluate_model(model: EvalModel, pcfg, settings: EvalSettings, *, out_dir: str, source=None, mesh=None,

@@ -102,7 +102,7 @@ def test_missing_response_is_a_missing_field():
 
 
 @pytest.mark.parametrize("source,message", [
-    ({"id": 1}, "not a JSON list"),
+    ({"id": 1}, "not a list of items"),
     ([CHOICE, {**CHOICE, "response(other)": "A"}], "one model"),
     ([{k: v for k, v in CHOICE.items() if k != "response(m)"}], "no item has one"),
 ])
