@@ -74,9 +74,11 @@ def _from_model(args) -> str | None:
   from eemo_jax.eval.run import EvalSettings, evaluate_model
   from eemo_jax.parallel.sharding import make_mesh
   from eemo_jax.train import run as runlib
+  from eemo_jax.host_memory import use_host_memory_for_cpu_steps
   config = config_from_args(args, "eval")
   if config is None:
     return None
+  use_host_memory_for_cpu_steps()  # before the backend starts, as train and grpo
   hf_dir, checkpoint = args.hf_dir, args.checkpoint
   if hf_dir is None and checkpoint is None:
     export = config.train.export_dir
