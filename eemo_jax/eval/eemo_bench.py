@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from data_pipeline import tasks
+from data_pipeline.bench_records import NO_REFERENCE_ANSWER
 from eemo_jax.eval import metrics as M
 from eemo_jax.eval.predictions import (ASSESSMENT, DOMINANT, JUDGE_RATINGS, OPEN_ENDED, PERCEPTION_TYPES, RANKING,
                                        YES_NO, Prediction, PredictionFile)
@@ -91,8 +92,8 @@ def slug(name: str) -> str:
 
 def _score_item(p: Prediction, judge: Judge | None) -> Prediction:
   if p.question_type == OPEN_ENDED:
-    if p.judged is None and judge is not None:
-      return dataclasses.replace(p, judged=_judge_ratings(p, judge))
+    if p.judged is None and judge is not None and p.correct_answer != NO_REFERENCE_ANSWER:
+      return dataclasses.replace(p, judged=_judge_ratings(p, judge))  # no reference: nothing to judge against
     return p
   parsed = read_response(p)
   if p.question_type in PERCEPTION_TYPES or p.question_type == DOMINANT:

@@ -57,3 +57,13 @@ def test_description_scores_come_from_the_judges_ratings():
   assert metrics["description.pair.detailed_comparison.score"] == pytest.approx(expected)
   assert metrics["description.pair.overall.score"] == pytest.approx(expected)
   assert [p.judged for p in scored] == [ratings["r0"], ratings["r1"], ratings["r2"]]
+
+
+def test_an_item_without_a_reference_answer_is_left_unjudged():
+  from data_pipeline.bench_records import NO_REFERENCE_ANSWER
+  item = {"id": 1, "question": "q", "correct_answer": NO_REFERENCE_ANSWER, "question_type": "Open_ended",
+          "describing_dimension": "Detailed description", "image1_url": "1.jpg", "response(m)": "r"}
+  calls = []
+  metrics, _ = eemo_bench.score(predictions.read_predictions([item]).items, n_resamples=10,
+                                judge=lambda *a: calls.append(a) or (2, 2, 2, 2, 2))
+  assert not calls and metrics["description.single.unjudged"] == 1 and metrics["description.single.n"] == 0
