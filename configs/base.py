@@ -7,7 +7,7 @@ Not a recipe itself. Sections map onto the library's config types:
   trainable  what trains: freeze patterns, or only the last k text layers (+ the head), or only adapters
   data       the Grain input pipeline (data_pipeline.pipeline.PipelineConfig), per JAX process
   eval       the held-out split and how often to evaluate
-  optimizer  AdamW, warmup + cosine, clipping, gradient accumulation (eemo_jax.train.optimizer)
+  optimizer  AdamW, warmup + constant/linear/cosine, clipping, gradient accumulation (eemo_jax.train.optimizer)
   loss       weights of the LM, CES and DES objectives (eemo_jax.train.losses.LossConfig)
   mesh       device mesh sizes over (data, fsdp, tensor); -1 takes the remaining devices
   rules      logical axis -> mesh axis (eemo_jax.parallel.sharding.DEFAULT_RULES)
@@ -62,8 +62,14 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
       pixel_dtype="uint8",  # levels cross to the device and are normalised there, to the float32 values exactly
   )
   c.eval = dict(split="test", every=0, batches=8)  # every 0: only at the end
-  c.optimizer = dict(learning_rate=1e-5, warmup_ratio=0.03, end_learning_rate=0.0, b1=0.9, b2=0.999, eps=1e-8,
-                     weight_decay=0.0, max_grad_norm=1.0, accum_steps=1)
+  c.optimizer = dict(
+      learning_rate=1e-5,  # the peak
+      # after the warmup: constant | linear | cosine, HF's get_*_schedule_with_warmup. The HF Trainer's
+      # lr_scheduler_type "constant" skips the warmup whatever warmup_ratio says: reproduce it with warmup_ratio 0
+      schedule="cosine",
+      warmup_ratio=0.03,  # linear warmup from 0 over ceil(ratio x steps) steps (HF's count)
+      end_learning_rate=0.0,  # where linear and cosine end (HF: 0)
+      b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, max_grad_norm=1.0, accum_steps=1)
   c.loss = dict(lm_weight=1.0, ces_weight=0.0, des_weight=0.0, des_kind="cosine",
                 chunk_size=256)  # LM-head positions per chunk: (rows, 256, vocab) fp32 logits alive at a time
   c.mesh = dict(data=1, fsdp=-1, tensor=1)

@@ -4,14 +4,30 @@
         --config.model.hf_dir=/path/to/eemo_7b_sft_lora/export \
         --config.data.data_dir=/path/to/tfds --config.train.run_dir=gs://bucket/runs/eemo_grpo
 
-From the authors' `train/Stage_2/finetune_grpo.sh` and trainer (papers.md §3.5):
+From the authors' `train/Stage_2/finetune_grpo.sh` and trainer (workerred/EEmo-Logic at b353f32; papers.md §3.5;
+L<n> alone is a line of finetune_grpo.sh). The script's entry point is sanitised (`main` is a placeholder,
+src/open_r1/grpo_emotion.py L387-389) and its GRPOConfig comes from a package `tl_grpo` that is not released
+(grpo_emotion.py L33), so what the script does not pass is inferred from the pinned trl 0.15.1 and transformers 4.50.0
+(train/Stage_2/requirements.txt L258, L256):
 - start from stage 1's merged export (`eemo_7b_sft_lora`'s train.export_dir) as model.hf_dir; new LoRA
   adapters of rank 64 / alpha 64 on every linear layer as in stage 1, base weights frozen, so the reference
   policy is the same weights with the adapters switched off (no second copy);
-- G = 8 (`num_generations 8`), completions up to 1024 tokens (`max_completion_length 1024`), temperature
-  1.0 (the HF-generate trainer's hard-coded `temperature=1`);
-- beta 0.04 and lr 1e-6: not passed by the script, so trl 0.15.1's GRPOConfig defaults (inferred);
-- per-device batch 1 x 8 devices x accumulation 2 = 16 completions (2 prompts) per optimizer step;
+- G = 8 (`--num_generations 8`, L57), completions up to 1024 tokens (`--max_completion_length 1024`, L56),
+  temperature 1.0: the HF-generate trainer's hard-coded `temperature=1  # HACK`
+  (src/open_r1/trainer/grpo_trainer_video_qa.py L334); the vLLM trainer that `--use_vllm true` (L71) suggests
+  samples at `args.temperature` (vllm_grpo_trainer_video_tg.py L445), trl 0.15.1's default 0.9, and which
+  trainer ran is not in the release;
+- beta 0.04 and lr 1e-6: not passed by the script (inferred: trl 0.15.1's GRPOConfig defaults,
+  trl/trainer/grpo_config.py L206-207 and L213-214);
+- the schedule: no `--lr_scheduler_type` or warmup is passed, and trl 0.15.1's GRPOConfig sets neither
+  (inferred: transformers 4.50.0's TrainingArguments defaults, training_args.py L921-922 `"linear"`, L933-934
+  warmup_ratio 0.0, L936 warmup_steps 0), so HF's linear decay to 0 with no warmup; weight decay 0.0 and
+  max_grad_norm 1.0 likewise (training_args.py L910, L914), base's values;
+- 32 completions (4 prompts) per optimizer step: 1 prompt per device (`--per_device_train_batch_size 1`,
+  L58), each sampled G times (grpo_trainer_video_qa.py L335 and L623; vllm_grpo_trainer_video_tg.py L580),
+  x 2 processes (`torchrun --nproc_per_node 2`, L43; the `NUM_DEVICES=7` of L26 is unused) x accumulation 2
+  (L59); here in 4 micro-batches of one prompt group, since accumulation only bounds memory;
+- 1 epoch (`--num_train_epochs 1`, L66);
 - the released loss: advantage over the summed rewards / (group std + 1e-4), per-token
   `-(exp(logp - logp.detach()) * A - beta * k3)`, the token mean of each completion then the batch mean,
   k3 not weighted by the ratio, one iteration (no clipping takes effect): `rl.losses.EEMO_LOGIC_LOSS` =
@@ -44,9 +60,10 @@ def get_config(arg=None):
   c.data.min_pixels = 256 * 28 * 28
   c.data.max_pixels = 1280 * 28 * 28
   c.optimizer.learning_rate = 1e-6
+  c.optimizer.schedule = "linear"
   c.optimizer.warmup_ratio = 0.0
   c.optimizer.weight_decay = 0.0
-  c.optimizer.accum_steps = 2
+  c.optimizer.accum_steps = 4
   c.grpo.num_generations = 8
   c.grpo.max_completion_length = 1024
   c.grpo.temperature = 1.0
@@ -57,7 +74,7 @@ def get_config(arg=None):
   c.grpo.scale_rewards = "group"  # rl.advantages.EEMO_LOGIC_ADVANTAGE
   c.grpo.aggregation = "sum_then_normalize"
   c.grpo.rewards = (("format", 1.0), ("eemo_task", 1.0))
-  c.train.global_batch_size = 16
+  c.train.global_batch_size = 32  # completions
   c.train.epochs = 1.0
   c.train.run_dir = "runs/eemo_7b_grpo"
   c.aot.topology = "v5p:2x2x2"

@@ -4,10 +4,21 @@
         --config.model.hf_dir=/path/to/Qwen2.5-VL-7B-Instruct \
         --config.data.data_dir=/path/to/tfds --config.train.run_dir=gs://bucket/runs/eemo_lora
 
-The authors' `train/Stage_1/scripts/finetune_lora_vision.sh` (papers.md §3.4): LoRA r 64 / alpha 64 /
-dropout 0.05 on every linear layer of the LLM and the ViT (lm_head and embeddings excluded), base
-weights frozen, lr 2e-4, weight decay 0.1, warmup 0.03, cosine, 1 epoch, global batch 128, pixels
-between 256 and 1280 x 28 x 28; the adapters are merged on export.
+The authors' `train/Stage_1/scripts/finetune_lora_vision.sh` (workerred/EEmo-Logic at b353f32; papers.md §3.4),
+trained by the HF Trainer (`QwenTrainer`, train/Stage_1/src/train/train_sft.py L212; transformers 4.51.3,
+train/Stage_1/requirements.txt L99). Values, with the line they come from:
+- LoRA r 64 / alpha 64 / dropout 0.05 (L30-32) on every linear layer (`--num_lora_modules -1`, L33) of the
+  LLM and the ViT (`--vision_lora True`, L27), lm_head and embeddings excluded (L29); base weights frozen
+  (`--freeze_vision_tower/llm/merger True`, L39-41); the adapters are merged on export (scripts/merge_lora.sh);
+- lr 2e-4 (L51), cosine (`--lr_scheduler_type "cosine"`, L54) with warmup ratio 0.03 (L53): the Trainer warms
+  up over ceil(0.03 x steps) steps (`TrainingArguments.get_warmup_steps`), as `optimizer_settings` counts;
+- weight decay 0.1 (L52); AdamW β (0.9, 0.999), ε 1e-8 (`adamw_torch`, train/Stage_1/src/train/params.py
+  L15-18); max_grad_norm not passed: the Trainer's default 1.0, base's value;
+- global batch 128 (`GLOBAL_BATCH_SIZE=128`, L16) = 4 per device (L17) x 8 devices (L18) x accumulation 4
+  (L19); 1 epoch (L46);
+- pixels between 256 and 1280 x 28 x 28 (L49-50);
+- seq_len 2048: not in the release (inferred: a bucket for 1280 image tokens and the QA text; the script
+  passes no `--max_seq_length`, whose default is 32768, params.py L25-26).
 """
 
 import os
@@ -31,6 +42,7 @@ def get_config(arg=None):
   c.data.min_pixels = 256 * 28 * 28
   c.data.max_pixels = 1280 * 28 * 28
   c.optimizer.learning_rate = 2e-4
+  c.optimizer.schedule = "cosine"
   c.optimizer.warmup_ratio = 0.03
   c.optimizer.weight_decay = 0.1
   c.optimizer.accum_steps = 4

@@ -4,10 +4,28 @@
         --config.model.hf_dir=/path/to/stage1_export \
         --config.data.data_dir=/path/to/tfds --config.train.run_dir=gs://bucket/runs/emoverse_head
 
-The authors' `training/scripts/classify.sh` (papers.md §2.2-2.3, head variant 1): mean of the last 4
-hidden states -> MLP -> 8-head self-attention -> mean pool = DES (1024 for 3B) -> MLP = CES; CE on the
-8 Mikels classes; `unfreeze_last_layers true` (last 2 layers); lr 1e-5, 3 epochs, weight decay 0.01,
-warmup 0.05, batch 4 per GPU x 8 GPUs.
+The authors' `training/scripts/classify.sh` (alkaline-acid/EmoVerse at 4dd30d3; papers.md §2.2-2.3, head
+variant 1), which runs its own loop in `training/qwenvl/train/train_qwen_classify.py` (not the HF Trainer).
+Values, with the line they come from:
+- the model: stage 1's checkpoint (`--model_name_or_path .../checkpoint-6000`, L23) with the head of
+  `--feature_fusion attention` (L43): mean of the last 4 hidden states -> MLP -> 8-head self-attention ->
+  mean pool = DES (1024 for 3B) -> MLP = CES; CE on the 8 Mikels classes (`nn.CrossEntropyLoss`,
+  train_qwen_classify.py L235), so no LM loss;
+- backbone frozen except the last 2 LLM layers: `--unfreeze_last_layers true` (L42; 2 layers in
+  qwenvl/model/qwen_classify.py L157-160);
+- lr 1e-5 (L30), constant: train_qwen_classify.py L271-276 builds `get_scheduler(name="constant", ...)`,
+  which ignores the `num_warmup_steps` it is given (transformers 5.23 optimization.py L1014-1015), so
+  `--warmup_ratio 0.05` (L33) has no effect and warmup_ratio is 0 here;
+- weight decay 0.01 (L32) in `torch.optim.AdamW` with torch's β (0.9, 0.999) and ε 1e-8 (train_qwen_classify.py
+  L236-240); it decays every trainable parameter, where this project leaves biases and norms undecayed;
+- max_grad_norm 1.0 (`clip_grad_norm_(..., max_norm=1.0)`, train_qwen_classify.py L312), base's value;
+- global batch 32 = `GPUS_PER_NODE=8` (L4) x `--per_device_train_batch_size 4` (L27) x
+  `--gradient_accumulation_steps 1` (L29); 3 epochs (L31);
+- max_pixels 200704: not in the release (inferred: stage 1's, sft_7b_lora.sh L37, which keeps an image within
+  seq_len 512). train_qwen_classify.py's 576 x 28 x 28 / 16 x 28 x 28 (L62-63) are set as attributes of the
+  processor (qwen_classify.py L15-18), which Qwen2_5_VLProcessor does not read (transformers 4.50 and 5.23),
+  so the authors' images had the limits of Qwen2.5-VL-3B-Instruct's own processor (L224), and only images over
+  3210 x 2120 pixels were skipped (L61, L121).
 """
 
 import os
@@ -28,7 +46,8 @@ def get_config(arg=None):
   c.data.seq_len = 512
   c.data.max_pixels = 200704
   c.optimizer.learning_rate = 1e-5
-  c.optimizer.warmup_ratio = 0.05
+  c.optimizer.schedule = "constant"
+  c.optimizer.warmup_ratio = 0.0  # get_scheduler("constant") has no warmup
   c.optimizer.weight_decay = 0.01
   c.loss.lm_weight = 0.0  # the head's cross-entropy only, as the authors train it
   c.loss.ces_weight = 1.0

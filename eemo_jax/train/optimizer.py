@@ -1,4 +1,8 @@
-"""AdamW with warmup + cosine decay, global-norm clipping and no weight decay on biases and norms.
+"""AdamW with a warmed-up schedule (constant, linear or cosine), global-norm clipping and no weight decay on
+biases and norms.
+
+The schedules are the HF Trainer's (`get_{constant,linear,cosine}_schedule_with_warmup`), because the
+recipes reproduce the authors' Trainer runs and the lr of each step is part of what a run computes.
 
 Gradient accumulation is not an optax wrapper here: the train step scans over its microbatches and
 makes one optimizer update per call (see `step.py`). `optax.MultiSteps` would instead update every
@@ -10,19 +14,25 @@ is a token mean over the whole window.
 from __future__ import annotations
 
 import dataclasses
+import math
 
+import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from eemo_jax.config import ConfigError
 from eemo_jax.train.freeze import map_with_path
+
+SCHEDULES = ("constant", "linear", "cosine")  # what follows the warmup
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
   """Defaults follow the HF Trainer (AdamW β=(0.9, 0.999), ε=1e-8, max_grad_norm=1.0)."""
   learning_rate: float = 1e-5  # peak
+  schedule: str = "cosine"  # after the warmup: constant | linear | cosine (decay to end_learning_rate)
   warmup_steps: int = 0
-  total_steps: int = 1000  # warmup included; the cosine reaches end_learning_rate here
+  total_steps: int = 1000  # warmup included; a linear or cosine decay reaches end_learning_rate here
   end_learning_rate: float = 0.0
   b1: float = 0.9
   b2: float = 0.999
@@ -32,6 +42,12 @@ class OptimizerConfig:
   accum_steps: int = 1  # microbatches per optimizer update (the step scans over them)
 
   def __post_init__(self):
+    if self.schedule not in SCHEDULES:
+      raise ConfigError(f"optimizer.schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)} (each after a "
+                        "linear warmup over optimizer.warmup_ratio of the steps)")
+    if self.schedule == "constant" and self.end_learning_rate != 0.0:
+      raise ConfigError(f"optimizer.end_learning_rate ({self.end_learning_rate}) is never reached by the constant "
+                        "schedule; set it to 0, or use optimizer.schedule linear or cosine to decay to it")
     if self.total_steps < 1 or not 0 <= self.warmup_steps <= self.total_steps:
       raise ValueError(f"need 0 <= warmup_steps ({self.warmup_steps}) <= total_steps ({self.total_steps}), "
                        "total_steps >= 1")
@@ -52,11 +68,30 @@ def optimizer_config(cfg) -> OptimizerConfig:
 
 
 def learning_rate_schedule(cfg) -> optax.Schedule:
-  """Linear warmup from 0 to the peak, then cosine decay to `end_learning_rate` (HF's cosine schedule)."""
+  """Linear warmup from 0 to the peak over `warmup_steps`, then constant, or a linear or cosine decay that
+  reaches `end_learning_rate` at `total_steps` (and stays there).
+
+  With `end_learning_rate` 0 these are the HF multipliers step for step, written out rather than composed
+  from optax's schedules so that their edge cases are HF's too: the first update's lr is 0 when there is a
+  warmup, and `max(1, ...)` guards a zero-length warmup or decay the way HF does.
+  """
   cfg = optimizer_config(cfg)
-  return optax.warmup_cosine_decay_schedule(init_value=0.0, peak_value=cfg.learning_rate,
-                                            warmup_steps=cfg.warmup_steps, decay_steps=cfg.total_steps,
-                                            end_value=cfg.end_learning_rate)
+  peak, end, kind = cfg.learning_rate, cfg.end_learning_rate, cfg.schedule
+  warmup, total = cfg.warmup_steps, cfg.total_steps
+
+  def schedule(count):
+    step = jnp.minimum(jnp.asarray(count, jnp.float32), total)  # past total_steps: the value there
+    warming = step / max(1, warmup)
+    # after the warmup, the share of (peak - end) still applied: 1 as the warmup ends; a decay reaches 0 at total
+    if kind == "constant":
+      share = jnp.ones_like(step)
+    elif kind == "linear":
+      share = (total - step) / max(1, total - warmup)
+    else:
+      share = 0.5 * (1.0 + jnp.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    return jnp.where(step < warmup, peak * warming, end + (peak - end) * share)
+
+  return schedule
 
 
 def decay_mask(params: nnx.State):

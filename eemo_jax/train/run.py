@@ -197,10 +197,13 @@ def check_rows_shard(rows: int, mesh) -> None:
 
 
 def optimizer_settings(config, total_steps: int) -> OptimizerConfig:
+  """The warmup is `ceil(warmup_ratio x steps)` as the HF Trainer counts it (`TrainingArguments.get_warmup_steps`),
+  so a recipe's warmup ratio gives the authors' number of warmup steps."""
   o = config.optimizer
-  return OptimizerConfig(learning_rate=o.learning_rate, warmup_steps=int(round(o.warmup_ratio * total_steps)),
-                         total_steps=total_steps, end_learning_rate=o.end_learning_rate, b1=o.b1, b2=o.b2,
-                         eps=o.eps, weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm or None,
+  return OptimizerConfig(learning_rate=o.learning_rate, schedule=o.schedule,
+                         warmup_steps=math.ceil(o.warmup_ratio * total_steps), total_steps=total_steps,
+                         end_learning_rate=o.end_learning_rate, b1=o.b1, b2=o.b2, eps=o.eps,
+                         weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm or None,
                          accum_steps=int(o.accum_steps))
 
 

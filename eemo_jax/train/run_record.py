@@ -92,7 +92,10 @@ def check_config(config, run_dir: str, *, resuming_from: int | None) -> ConfigCh
   """Compares a resume with the recorded config; raises ConfigError for guarded changes not allowed."""
   recorded = read_recorded(run_dir) if resuming_from is not None else None
   changes = config_changes(recorded, config_as_json(config)) if recorded is not None else {}
-  guarded = tuple(k for k in changes if not _operational(k))
+  # A field the record lacks was added to the project after the run started; new fields default to the
+  # behaviour the code had before them, so it is logged, not refused.
+  added = set(_flat(config_as_json(config))) - set(_flat(recorded)) if recorded is not None else set()
+  guarded = tuple(k for k in changes if not _operational(k) and k not in added)
   if guarded and not config.train.allow_config_changes:
     listed = ", ".join(f"{k} ({_show(changes[k][0])} -> {_show(changes[k][1])})" for k in guarded)
     raise ConfigError(f"resuming {run_dir} from checkpoint {resuming_from} with a config that changes what the run "

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from eemo_jax import cli
-from eemo_jax.config import load_config
+from eemo_jax.config import ConfigError, load_config
 from eemo_jax.parallel.sharding import make_mesh
 from eemo_jax.train.checkpointing import RunCheckpoints
 from eemo_jax.train.run import train
@@ -415,3 +415,18 @@ def test_skipped_records_are_counted_in_the_metrics_and_the_progress_line(assets
   with pytest.raises(CorruptImageError, match="record 'broken-1', field 'image'"):
     train(strict, train_source=source, progress_stream=io.StringIO())
   assert not strict_dir.exists()
+
+
+def test_a_field_added_to_the_project_after_a_run_started_does_not_block_its_resume(tmp_path):
+  """A run recorded before `optimizer.schedule` existed resumes: the new field's default is the old behaviour.
+  A field the record has and the config changes is still refused."""
+  from eemo_jax.train import run_record
+  config = load_config(TINY)
+  recorded = run_record.config_as_json(config)
+  del recorded["optimizer"]["schedule"]
+  (tmp_path / run_record.CONFIG_FILE).write_text(json.dumps(recorded))
+  check = run_record.check_config(config, str(tmp_path), resuming_from=3)
+  assert check.changes == {"optimizer.schedule": (None, "cosine")} and check.guarded == ()
+  changed = load_config(TINY, ["--config.optimizer.learning_rate=0.5"])
+  with pytest.raises(ConfigError, match="optimizer.learning_rate"):
+    run_record.check_config(changed, str(tmp_path), resuming_from=3)
