@@ -2,6 +2,7 @@
 
 Import reads an HF folder (safetensors only) into an Orbax checkpoint and keeps the tokenizer /
 processor files in `CKPT_DIR/hf_assets`, so a later export writes a complete HF folder again.
+`import-hf --adapter PEFT_DIR` merges a PEFT LoRA adapter (e.g. the EmoVerse release) into the weights.
 A user error (bad path, mismatched checkpoint, malformed or unsupported config or index, a target
 that already holds files) prints one line naming the file or key and exits 2, having written
 nothing. `export-hf --overwrite` replaces an existing export whole, once the new one is complete.
@@ -29,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
   if name == "import-hf":
     parser.add_argument("hf_dir", metavar="HF_DIR", help="HF Qwen2.5-VL folder (config.json + *.safetensors)")
     parser.add_argument("ckpt_dir", metavar="CKPT_DIR", help="new folder for the Orbax checkpoint")
+    parser.add_argument("--adapter", metavar="PEFT_DIR", default=None,
+                        help="a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) made on "
+                             "HF_DIR, e.g. the EmoVerse release; it is merged into the imported weights")
   else:
     parser.add_argument("ckpt_dir", metavar="CKPT_DIR",
                         help="checkpoint written by `eemo-jax import-hf` (eemo_jax.hf.checkpoint.save_checkpoint)")
@@ -52,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
   from eemo_jax.hf.safetensors_io import CheckpointError
   try:
     if args.command == "import-hf":
-      import_hf(args.hf_dir, args.ckpt_dir, dtype=args.dtype or "float32")
+      import_hf(args.hf_dir, args.ckpt_dir, dtype=args.dtype or "float32", adapter=args.adapter)
     else:
       export_hf(args.ckpt_dir, args.out_dir, dtype=args.dtype, max_shard_bytes=args.max_shard_size,
                 overwrite=args.overwrite)
@@ -62,11 +66,13 @@ def run(args: argparse.Namespace) -> int:
   return 0
 
 
-def import_hf(hf_dir: str, ckpt_dir: str, *, dtype="float32") -> None:
+def import_hf(hf_dir: str, ckpt_dir: str, *, dtype="float32", adapter: str | None = None) -> None:
   """HF folder -> Orbax checkpoint, plus the tokenizer / processor files in `hf_assets/`.
 
-  Everything is checked (target, config, index, headers, key set, shapes) before the first byte
-  is written; a failure after that removes the checkpoint folder if this import created it.
+  `adapter`, a PEFT LoRA folder, is put on the loaded model (`eemo_jax.hf.peft_io`) and merged into its
+  weights: a checkpoint holds plain weights. Everything is checked (target, config, index, headers,
+  key set, shapes, the adapter) before the first byte is written; a failure after that removes the
+  checkpoint folder if this import created it.
   """
   import jax
 
@@ -74,7 +80,15 @@ def import_hf(hf_dir: str, ckpt_dir: str, *, dtype="float32") -> None:
   from eemo_jax.hf.load import load_hf
   from eemo_jax.hf.save import copy_assets
   check_new_checkpoint_dir(ckpt_dir)
+  if adapter is not None:
+    from eemo_jax.hf.peft_io import read_adapter_config
+    read_adapter_config(adapter)  # a bad adapter fails before minutes of weight loading
   model = load_hf(hf_dir, dtype=dtype)
+  if adapter is not None:
+    from eemo_jax.hf.peft_io import load_peft_adapter
+    from eemo_jax.model.lora import merge_lora
+    load_peft_adapter(model, adapter)
+    merge_lora(model)
   created = not os.path.exists(ckpt_dir)
   try:
     save_checkpoint(model, ckpt_dir)
@@ -89,7 +103,7 @@ def import_hf(hf_dir: str, ckpt_dir: str, *, dtype="float32") -> None:
     if created and jax.process_index() == 0:
       shutil.rmtree(ckpt_dir, ignore_errors=True)
     raise
-  print(f"imported {hf_dir} -> {ckpt_dir}")
+  print(f"imported {hf_dir}{f' + adapter {adapter}' if adapter else ''} -> {ckpt_dir}")
 
 
 def export_hf(ckpt_dir: str, out_dir: str, *, dtype=None, max_shard_bytes: int = 5 * 10**9,
