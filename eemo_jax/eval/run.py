@@ -27,10 +27,11 @@ from flax import nnx
 
 from data_pipeline.tasks import VAD_DIMENSIONS
 from eemo_jax.eval.loading import EvalModel
+from eemo_jax.eval.predictions import ASSESSMENT, DOMINANT, OPEN_ENDED, RANKING, WHAT_HOW, YES_NO
 
-QUESTION_TYPES = {"yes_no": "Yes-or-No", "multiple_choice": "What/How", "open_ended": "Open_ended",
-                  "emotion_ranking": "Ranking", "dominant_emotion": "Dominant", "valence": "Assessment",
-                  "arousal": "Assessment", "dominance": "Assessment"}
+# The leaderboard question type of each EEmo task (`eval.predictions`' names)
+QUESTION_TYPES = {"yes_no": YES_NO, "multiple_choice": WHAT_HOW, "open_ended": OPEN_ENDED, "emotion_ranking": RANKING,
+                  "dominant_emotion": DOMINANT, "valence": ASSESSMENT, "arousal": ASSESSMENT, "dominance": ASSESSMENT}
 CES_TYPE = "CES"  # EmoVerse category items (scored by eval.emoverse, not by the benchmark scorer)
 
 
@@ -103,7 +104,7 @@ def generate_predictions(model: EvalModel, pcfg, settings: EvalSettings, *, sour
         progress(done, count)
   finally:
     iterator.close()
-  if settings.level_scores and any(i["question_type"] == "Assessment" for i in items):
+  if settings.level_scores and any(i["question_type"] == ASSESSMENT for i in items):
     _add_level_scores(model, pcfg, items, records)
   return items, time.time() - started
 
@@ -177,7 +178,7 @@ def _add_level_scores(model: EvalModel, pcfg, items: list[dict], records: dict) 
   from eemo_jax.eval.level_scores import LevelScorer
   scorer = LevelScorer(model.backbone, model.tokenizer, batch_size=max(1, pcfg.batch_size), min_pixels=pcfg.min_pixels,
                        max_pixels=pcfg.max_pixels)
-  chosen = [i for i in items if i["question_type"] == "Assessment"]
+  chosen = [i for i in items if i["question_type"] == ASSESSMENT]
   images = [list(records[i["id"]][1]["images"]) for i in chosen]
   scores = scorer(images, [i["assessment_dimension"] for i in chosen])
   for item, score in zip(chosen, scores):
