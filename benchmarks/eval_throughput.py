@@ -435,29 +435,6 @@ def _print(name: str, what: str, value) -> None:
 
 
 # ------------------------------------------------------------------------------------------ report
-def source_digest() -> dict:
-  """sha256 (16 hex) of the Python sources the EEmo-JAX side runs, per folder (they may be uncommitted)."""
-  import glob
-  import hashlib
-  out = {}
-  for folder in MEASURED_SOURCES:
-    h = hashlib.sha256()
-    for path in sorted(glob.glob(os.path.join(ROOT, folder, "**", "*.py"), recursive=True)):
-      with open(path, "rb") as f:
-        h.update(os.path.relpath(path, ROOT).encode() + b"\0" + f.read())
-    out[folder] = h.hexdigest()[:16]
-  return out
-
-
-def git_status() -> list[str]:
-  """`git status --short` of the measured folders: which of them differ from the recorded commit."""
-  import subprocess
-  try:
-    return subprocess.run(["git", "status", "--short", "--", *MEASURED_SOURCES], cwd=ROOT, capture_output=True,
-                          text=True, timeout=30).stdout.splitlines()
-  except (OSError, subprocess.SubprocessError):
-    return []
-
 
 def print_table(cpu: dict, limits: dict, results: list[dict], args) -> None:
   print()
@@ -566,7 +543,7 @@ def main(argv=None) -> int:
   import jax
   import transformers
 
-  digest = source_digest()  # before the run: what it measures
+  digest = mt.source_digest(MEASURED_SOURCES)  # before the run: what it measures
   reuse = mt.apply_host_memory(args)
   worker = mt.TorchWorker(args.threads, extra_ops_module="eval_throughput", reuse_host_memory=reuse)
   cpu = gt.cpu_model()
@@ -587,9 +564,8 @@ def main(argv=None) -> int:
     env = {"python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__,
            "transformers": transformers.__version__, **torch_env, "cpu": cpu,
            "cpu_count": os.cpu_count(), "jax_devices": [str(d) for d in jax.devices()], **mt._provenance(),
-           "sources_sha256": digest, "git_status": git_status(),
-           "env_vars": {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "GLIBC_TUNABLES", "XLA_",
-                                                                                 "OMP_", "MKL_", "LD_PRELOAD"))}}
+           "sources_sha256": digest, "git_status": mt.git_status(MEASURED_SOURCES),
+           "env_vars": mt.timing_env_vars()}
     with open(args.json, "w") as f:
       json.dump({"env": env, "args": vars(args), "target": TARGET, "limits": limits, "results": results}, f,
                 indent=1, default=float)

@@ -504,30 +504,6 @@ def _print(name: str, what: str, value) -> None:
 MEASURED_SOURCES = ("eemo_jax/rl", "eemo_jax/model", "eemo_jax/generate", "eemo_jax/train", "data_pipeline")
 
 
-def source_digest() -> dict:
-  """sha256 (16 hex) of the Python sources the JAX side runs, per folder: the engine changes often and may be
-  uncommitted, so the commit alone does not say what was measured."""
-  import glob
-  import hashlib
-  out = {}
-  for folder in MEASURED_SOURCES:
-    h = hashlib.sha256()
-    for path in sorted(glob.glob(os.path.join(ROOT, folder, "**", "*.py"), recursive=True)):
-      with open(path, "rb") as f:
-        h.update(os.path.relpath(path, ROOT).encode() + b"\0" + f.read())
-    out[folder] = h.hexdigest()[:16]
-  return out
-
-
-def git_status() -> list[str]:
-  """`git status --short` of the measured folders: which of them differ from the recorded commit."""
-  try:
-    out = subprocess.run(["git", "status", "--short", "--", *MEASURED_SOURCES], cwd=ROOT, capture_output=True,
-                         text=True, timeout=30).stdout
-  except (OSError, subprocess.SubprocessError):
-    return []
-  return out.splitlines()
-
 
 def cpu_model() -> dict:
   """lscpu's model name, family/model and core count (falling back to /proc/cpuinfo)."""
@@ -650,7 +626,7 @@ def main(argv=None) -> int:
   from data_pipeline.tokenizer import build_offline_tokenizer, load_tokenizer
   from eemo_jax.host_memory import use_host_memory_for_cpu_steps
 
-  digest = source_digest()  # before the run: what it measures
+  digest = mt.source_digest(MEASURED_SOURCES)  # before the run: what it measures
   reuse = mt.apply_host_memory(args)
   use_host_memory_for_cpu_steps()  # what `grpo()` does on the CPU backend, whatever --host-memory says
   worker = mt.TorchWorker(args.threads, extra_ops_module="grpo_throughput", reuse_host_memory=reuse)
@@ -679,9 +655,8 @@ def main(argv=None) -> int:
     env = {"python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__,
            "transformers": transformers.__version__, "trl": trl.__version__, **torch_env, "cpu": cpu,
            "cpu_count": os.cpu_count(), "jax_devices": [str(d) for d in jax.devices()], **mt._provenance(),
-           "sources_sha256": digest, "git_status": git_status(),
-           "env_vars": {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "GLIBC_TUNABLES", "XLA_",
-                                                                                 "OMP_", "MKL_", "LD_PRELOAD"))}}
+           "sources_sha256": digest, "git_status": mt.git_status(MEASURED_SOURCES),
+           "env_vars": mt.timing_env_vars()}
     with open(args.json, "w") as f:
       json.dump({"env": env, "args": vars(args), "targets": TARGETS, "limits": limits, "results": results}, f,
                 indent=1, default=float)

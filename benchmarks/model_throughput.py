@@ -863,6 +863,39 @@ def _ok(ratio, target):
   return "yes" if ratio >= target else "NO"
 
 
+def source_digest(folders) -> dict:
+  """sha256 (16 hex) of the Python sources under each folder (relative to the repository): the measured code
+  changes often and may be uncommitted, so the commit alone does not say what a run measured."""
+  import glob
+  import hashlib
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = {}
+  for folder in folders:
+    h = hashlib.sha256()
+    for path in sorted(glob.glob(os.path.join(root, folder, "**", "*.py"), recursive=True)):
+      with open(path, "rb") as f:
+        h.update(os.path.relpath(path, root).encode() + b"\0" + f.read())
+    out[folder] = h.hexdigest()[:16]
+  return out
+
+
+def git_status(folders) -> list[str]:
+  """`git status --short` of the measured folders: which of them differ from the recorded commit."""
+  import subprocess
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  try:
+    return subprocess.run(["git", "status", "--short", "--", *folders], cwd=root, capture_output=True, text=True,
+                          timeout=30).stdout.splitlines()
+  except (OSError, subprocess.SubprocessError):
+    return []
+
+
+def timing_env_vars() -> dict[str, str]:
+  """The settings that change timings (the allocator's, XLA's, OpenMP's, MKL's), as this run had them."""
+  return {k: v for k, v in os.environ.items()
+          if k.startswith(("MALLOC_", "GLIBC_TUNABLES", "XLA_", "OMP_", "MKL_", "LD_PRELOAD"))}
+
+
 def _provenance() -> dict:
   """Read-only: the commit and a digest of the model/generate sources measured (they change often)."""
   import glob

@@ -454,9 +454,7 @@ def main(argv=None) -> int:
            "transformers": transformers.__version__, "cpu_count": os.cpu_count(), **torch_env,
            "jax_devices": [str(d) for d in jax.devices()], "machine": platform.machine(),
            "processor": platform.processor(), **mt._provenance(),
-           # Settings that change these timings (the allocator's, XLA's, OpenMP's), as this run had them.
-           "env_vars": {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "GLIBC_TUNABLES", "XLA_",
-                                                                                 "OMP_", "MKL_", "LD_PRELOAD"))}}
+           "env_vars": mt.timing_env_vars()}
     with open(args.json, "w") as f:
       json.dump({"env": env, "args": vars(args), "targets": TARGETS, "limits": limits, "results": results}, f,
                 indent=1, default=float)
