@@ -67,7 +67,8 @@ def generate_predictions(model: EvalModel, pcfg, settings: EvalSettings, *, sour
   records = {}
   for index in range(count):
     features = source[index]
-    records[features["id"]] = (task_record(features, pcfg.task), features)
+    record = task_record(features, pcfg.task)
+    records[features["id"]] = (record, _kept_fields(features, record))
   pcfg = dataclasses.replace(pcfg, prompt_only=True, shuffle=False, num_epochs=1, microbatches=0, packing=False)
   graphdef, state = nnx.split(model.backbone)
   rollout = make_rollout_fn(graphdef, mesh, group_size=1, max_completion_length=settings.max_new_tokens,
@@ -122,7 +123,7 @@ def prediction_item(record: dict, features, task: str, model_name: str, response
                     resized_hw: tuple[int, int] | None = None) -> dict:
   """One record and the model's answer as a leaderboard item (`eemo_jax.eval.predictions`). EmoVerse boxes are
   given in pixels of the resized image (`resized_hw`), as the model answers them."""
-  images = int(len(features["images"])) if "images" in features else 1
+  images = int(features["num_images"]) if "num_images" in features else len(features.get("images", [None]))
   base = {"id": record["id"], "image1_url": f"{record['id']}#1", f"response({model_name})": response}
   if images > 1:
     base["image2_url"] = f"{record['id']}#2"
@@ -152,6 +153,18 @@ def prediction_item(record: dict, features, task: str, model_name: str, response
   else:
     item.update(correct_answer=str(answer or ""), describing_dimension=record.get("dimension", "description"))
   return item
+
+
+def _kept_fields(features, record: dict) -> dict:
+  """A record's fields without its encoded images, which only the level-word scores of V/A/D questions read again:
+  a benchmark split holds each image once per question (7 copies per EEmo-Bench image), so keeping every
+  record's bytes for the whole run would hold the images seven times over."""
+  kept = {k: v for k, v in features.items() if k not in ("image", "images")}
+  if "images" in features:
+    kept["num_images"] = len(features["images"])
+    if record.get("task") in VAD_DIMENSIONS:
+      kept["images"] = features["images"]
+  return kept
 
 
 def _has_des(features) -> bool:
