@@ -344,29 +344,6 @@ def _torch_handle(state: dict, op: str, *args):
     return None
   if op == "in_loop":
     return list(state["in_loop"].get(args[0], []))
-  if op == "component_setup":  # prefill_profile.py: JAX's decoder input/output, to time torch's pieces on
-    embeds, hidden = args
-    state["embeds"], state["hidden"] = torch.from_numpy(embeds), torch.from_numpy(hidden)
-    return None
-  if op == "component":
-    impl, what = args
-    ref, targs = state["refs"][impl], state["targs"]
-    with torch.inference_mode():
-      if "pos" not in state:
-        state["pos"] = ref.model.get_rope_index(
-            targs["input_ids"], mm_token_type_ids=targs["mm_token_type_ids"], image_grid_thw=targs["image_grid_thw"],
-            attention_mask=targs["attention_mask"])[0]
-      fn = {"vision": lambda: ref.model.get_image_features(targs["pixel_values"], targs["image_grid_thw"]),
-            "decoder": lambda: ref.model.language_model(inputs_embeds=state["embeds"], position_ids=state["pos"],
-                                                        attention_mask=targs["attention_mask"],
-                                                        use_cache=False).last_hidden_state,
-            "lm_head": lambda: ref.lm_head(state["hidden"])}[what]
-      t0 = time.perf_counter()
-      out = fn()
-      dt = time.perf_counter() - t0
-    if what == "decoder":  # also report parity of the decoder alone
-      return dt, float((out - state["hidden"]).abs().max())
-    return dt, None
   ref = state["refs"][args[0]]
   targs = state["targs"]
   if op in ("logits", "prefill"):

@@ -24,7 +24,7 @@ host transfer at the end (no per-token host sync). Inside it:
    layers are unrolled over per-layer copies of their weights and per-layer cache buffers, made once
    before the loop (`TextModel.unstacked_layers`, `StepCache`): XLA:CPU copied every layer's weights
    and cache out of the stacked arrays before using them, every step (`small`'s greedy step: 15.1 -> 11.1 ms,
-   both in one run; `benchmarks/results_cpu8.json`).
+   both in one run; `benchmarks/results/model_throughput.zen4.json`).
 
 The cache is created inside the compiled function and carried by the while loop, which updates it
 in place; it never crosses the jit boundary, so there is nothing to donate.
