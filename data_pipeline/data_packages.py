@@ -1,7 +1,7 @@
 """The packages that build and read the data sets (TensorFlow Datasets, Grain, ArrayRecord): the `data` extra.
 
-Loading, running and exporting a model needs none of them, so `pip install eemo-jax` leaves them out (with their
-protobuf, pyarrow and TFDS metadata stack). The modules that do need them (the builders, the Grain pipeline and its
+Loading, running and exporting a model needs none of them, so `pip install eemo-jax` leaves them out (and
+pyarrow with the rest of what TFDS brings). The modules that do need them (the builders, the Grain pipeline and its
 batching) call `require()` before importing them, so a job that reads data without them stops with one line that
 names the extra, not a ModuleNotFoundError from deep inside a run. `require()` only looks the packages up: Grain's
 worker processes import the pipeline too, and importing TFDS there would cost every worker its start-up time.
