@@ -48,6 +48,9 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+from data_pipeline import data_packages
+
+data_packages.require()  # without the `data` extra: one line naming it, before the imports below fail
 import grain
 import ml_dtypes
 import numpy as np

@@ -46,6 +46,9 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from data_pipeline import data_packages
+
+data_packages.require()  # without the `data` extra: one line naming it, before the imports below fail
 import grain
 import numpy as np
 from PIL import Image

@@ -9,6 +9,8 @@ import argparse
 import importlib
 import sys
 
+from data_pipeline.data_packages import MissingDataPackagesError
+
 COMMANDS = {
     "demo": ("eemo_jax.commands.demo", "the main job on the embedded default, end to end"),
     "import-hf": ("eemo_jax.hf.convert", "HF folder -> Orbax checkpoint"),
@@ -40,7 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
   args.overrides = overrides
   module = importlib.import_module(COMMANDS[args.command][0])
-  return int(module.run(args) or 0)
+  try:
+    return int(module.run(args) or 0)
+  except MissingDataPackagesError as error:  # a data job (train, grpo, demo, eval of a split, aot) without the extra
+    print(f"eemo-jax {args.command}: {error}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

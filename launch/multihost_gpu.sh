@@ -12,7 +12,7 @@ if [[ -z "${JAX_COORDINATOR_ADDRESS:-}" && -n "${SLURM_JOB_NODELIST:-}" ]]; then
   export JAX_NUM_PROCESSES="$SLURM_NTASKS"
   export JAX_PROCESS_ID="$SLURM_PROCID"
 fi
-scripts/setup_venv.sh cuda
+scripts/setup_venv.sh cuda,data
 : "${JAX_COORDINATOR_ADDRESS:?set JAX_COORDINATOR_ADDRESS=host:port (or run under SLURM)}"
 : "${JAX_NUM_PROCESSES:?set JAX_NUM_PROCESSES}"
 : "${JAX_PROCESS_ID:?set JAX_PROCESS_ID}"

@@ -5,5 +5,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 config="${1:?usage: launch/single_host.sh CONFIG [--config.key=value ...]}"; shift
-scripts/setup_venv.sh "${EEMO_EXTRAS:-}"
+scripts/setup_venv.sh "data${EEMO_EXTRAS:+,$EEMO_EXTRAS}"
 exec .venv/bin/eemo-jax train --config "$config" "$@"

@@ -7,5 +7,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 config="${1:?usage: launch/tpu_pod.sh CONFIG [--config.key=value ...]}"; shift
-scripts/setup_venv.sh tpu
+scripts/setup_venv.sh data,tpu
 exec .venv/bin/eemo-jax train --config "$config" "$@"

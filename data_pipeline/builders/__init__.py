@@ -20,6 +20,9 @@ import dataclasses
 import json
 from pathlib import Path
 
+from data_pipeline import data_packages
+
+data_packages.require()  # without the `data` extra: one line naming it, before the imports below fail
 import tensorflow_datasets as tfds
 
 from data_pipeline.builders.common import SKIPPED_FILE, RecordBuilder

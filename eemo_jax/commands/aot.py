@@ -6,8 +6,8 @@ and prints per-device memory against the chip's HBM and the compiler's cost esti
 allocated: the train state and the batch are abstract. For a GRPO config (`data.prompt_only`) it
 compiles the two programs of `eemo-jax grpo` instead: the rollout of one micro-batch of prompts (vision,
 prefill, the repeated cache and the decode loop) and the update step (every micro-batch's policy forward
-and backward, and the optimizer), and reports both. Needs the `tpu` extra (`pip install
-'eemo-jax[tpu]'`, which pins the libtpu matching jax).
+and backward, and the optimizer), and reports both. Needs the `tpu` extra, which pins the libtpu matching
+jax, and the `data` extra, whose input pipeline gives the batch shapes (`pip install 'eemo-jax[data,tpu]'`).
 """
 
 from __future__ import annotations
