@@ -39,10 +39,12 @@ def add_arguments(parser, name):
 
 
 def run(args) -> int:
+  from eemo_jax import status
   from eemo_jax.commands.train import user_errors
   from eemo_jax.eval.loading import ModelSourceError
   try:
-    summary = _from_file(args) if args.predictions else _from_model(args)
+    with status.printed():  # the weights read, one line per file
+      summary = _from_file(args) if args.predictions else _from_model(args)
   except (ModelSourceError, *user_errors()) as error:
     print(f"eemo-jax eval: {error}", file=sys.stderr)
     return 2

@@ -165,8 +165,9 @@ class SafetensorsFolder:
 
   def __init__(self, folder: str):
     self.folder = folder
+    self.files = _weight_files(folder)  # the weight files, in the order transformers reads them
     self._entries: dict[str, TensorEntry] = {}
-    for path in _weight_files(folder):
+    for path in self.files:
       for key, entry in read_entries(path).items():
         if key in self._entries:
           first = os.path.basename(self._entries[key].path)
@@ -190,6 +191,19 @@ class SafetensorsFolder:
     if count == 0:  # a memory map cannot be empty
       return np.zeros(entry.shape, entry.dtype)
     return np.memmap(entry.path, dtype=entry.dtype, mode="r", offset=entry.offset, shape=(count,)).reshape(entry.shape)
+
+
+def read_through(path: str, chunk_bytes: int = 64 * 2**20) -> None:
+  """Reads a file once from start to end and drops the bytes: its pages are then in the OS page cache.
+
+  Loading places each parameter by slicing memory maps in parameter order, which visits every file
+  many times; reading the files first, one after the other, turns the disk work into sequential reads
+  whose progress can be shown file by file (`eemo_jax.hf.load`).
+  """
+  buffer = bytearray(chunk_bytes)
+  with open(path, "rb", buffering=0) as f:
+    while f.readinto(buffer):
+      pass
 
 
 def _weight_files(folder: str) -> list[str]:
