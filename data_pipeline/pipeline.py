@@ -694,13 +694,15 @@ _PROCESS_AXIS = {"position_ids": 1}
 
 
 def abstract_batch(config: PipelineConfig, tokenizer: TextTokenizer | None = None, *,
-                   process_count: int | None = None):
+                   process_count: int | None = None, mesh=None):
   """`jax.ShapeDtypeStruct`s of every global batch (static): for `jit_train_step`, AOT compilation, shardings.
 
   With several JAX processes each contributes its own rows and its own vision layout, concatenated along
   the row / slot axis; the vision inputs then say how many groups they hold (`VisionInputs.groups`).
   With `prompt_only`, the arrays that go to the device (`PROMPT_DEVICE_KEYS`, the rollout's `ModelInputs`);
-  the truth, questions and ids stay on the host.
+  the truth, questions and ids stay on the host. With a `mesh`, each carries the sharding `make_iterator`
+  places it with: a step lowered and compiled for these finds that executable in jit's cache at its first
+  call with a real batch (without them it would compile again).
   """
   import jax
   processes = jax.process_count() if process_count is None else process_count
@@ -715,7 +717,12 @@ def abstract_batch(config: PipelineConfig, tokenizer: TextTokenizer | None = Non
     shape = tuple(n * processes if i == axis else n for i, n in enumerate(x.shape))
     return jax.ShapeDtypeStruct(lead + shape, x.dtype)
 
-  return jax.tree_util.tree_map_with_path(spec, batch)
+  batch = jax.tree_util.tree_map_with_path(spec, batch)
+  if mesh is None:
+    return batch
+  placed = {key: jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), batch[key], sharding)
+            for key, sharding in batch_shardings(batch, mesh).items()}
+  return {**batch, **placed}
 
 
 def _with_groups(batch: dict[str, Any], groups: int) -> dict[str, Any]:

@@ -38,6 +38,7 @@ import numpy as np
 from flax import nnx
 
 from eemo_jax import paths
+from eemo_jax import status
 from eemo_jax.config import ConfigError
 from eemo_jax.host_memory import use_host_memory_for_cpu_steps
 from eemo_jax.parallel.sharding import make_mesh
@@ -481,6 +482,7 @@ class Engine:
     self._step_fn = make_grpo_step(graphdef, optimizer, loss=loss, trainable=trainable, schedule=schedule, mesh=mesh,
                                    rules=rules)
     self._jitted_step = None
+    self._rollout_compiled = False
     self._ref = None
     if reference is not None:
       self._ref = jax.jit(make_reference_logprobs(graphdef, loss=loss, lora=reference == "lora", mesh=mesh,
@@ -491,15 +493,20 @@ class Engine:
     return policy_of(nnx.merge(self.graphdef, state.params, state.frozen))
 
   def update(self, state, batch: UpdateBatch):
-    if self._jitted_step is None:
+    if self._jitted_step is None:  # compiled explicitly at the first update, with its batch: timed apart from the run
       self._jitted_step = jit_grpo_step(self._step_fn, state, batch, self.mesh, self.rules)
+      status.compile_timed("GRPO update", lambda: self._jitted_step.lower(state, batch).compile())
     return self._jitted_step(state, batch)
 
   def sample(self, state, prompts: list, key, extra_rewards) -> _Scored:
     """G completions for every prompt of the micro-batches, decoded, parsed and scored."""
     g = self.settings.num_generations
-    started = time.time()
     _, policy_state = nnx.split(self._policy(state))
+    if not self._rollout_compiled:  # explicitly, at the first sampling, with its prompts: timed apart from decoding
+      status.compile_timed("GRPO rollout", lambda: self._rollout.compile(
+          policy_state, prompts[0].inputs, key, eos_ids=self.eos_ids, pad_id=self.pad_id))
+      self._rollout_compiled = True
+    started = time.time()
     outs = [self._rollout(policy_state, p.inputs, jax.random.fold_in(key, m), eos_ids=self.eos_ids,
                           pad_id=self.pad_id) for m, p in enumerate(prompts)]
     host = jax.device_get([(o.tokens, o.mask, o.truncated, o.logprobs) for o in outs])

@@ -22,6 +22,7 @@ import jax
 from flax import nnx
 
 from eemo_jax import paths
+from eemo_jax import status
 from eemo_jax.config import ConfigError
 from eemo_jax.host_memory import use_host_memory_for_cpu_steps
 from eemo_jax.model.config import Qwen25VLConfig, preset
@@ -318,17 +319,22 @@ def train(config, *, tokenizer=None, train_source=None, eval_source=None, progre
       if is_main:  # the inputs are usable and the state is in hand: now the run directory records this config
         run_record.write_config(config, run_dir, config_check, step=resumed_from)
 
-      batch_spec = to_train_batch(abstract_batch(pcfg, tokenizer))
+      batch_spec = to_train_batch(abstract_batch(pcfg, tokenizer, mesh=mesh))
       step_fn = jit_train_step(make_train_step(graphdef, optimizer, trainable=trainable,
                                                loss_config=loss_settings(config), schedule=schedule,
                                                forward=sft_forward, mesh=mesh, rules=rules),
                                state, batch_spec, mesh, rules)
+      # Compiled here, explicitly, to time it; the specs carry the batches' shardings, so the first step's
+      # call finds this executable in jit's cache.
+      if start < total_steps:
+        status.compile_timed("train step", lambda: step_fn.lower(state, batch_spec).compile())
       eval_fn = None
       if config.eval.batches:
         eval_spec = to_train_batch(abstract_batch(pipeline_config(config, arch, split=config.eval.split,
-                                                                  eval_mode=True), tokenizer))
+                                                                  eval_mode=True), tokenizer, mesh=mesh))
         eval_fn = jit_eval_step(make_eval_step(graphdef, loss_config=loss_settings(config), forward=sft_forward,
                                                mesh=mesh, rules=rules), state, eval_spec, mesh, rules)
+        status.compile_timed("eval step", lambda: eval_fn.lower(state, eval_spec).compile())
 
       flops = step_flops(arch, head_cfg, batch_spec, config)
       peak = _peak_flops(config) * jax.device_count()
