@@ -226,7 +226,8 @@ def _weight_files(folder: str) -> list[str]:
       raise CheckpointError(f"{folder} holds only PyTorch pickles ({', '.join(sorted(pickles))}). EEmo-JAX reads "
                             "safetensors only (pickles can run code); convert with transformers: "
                             "`Model.from_pretrained(dir).save_pretrained(out_dir)`.")
-    raise CheckpointError(f"{folder} holds no model*.safetensors weights")
+    raise CheckpointError(f"{folder} holds no model*.safetensors weights; pass an HF model folder (config.json + "
+                          "model.safetensors, or model-*-of-*.safetensors with model.safetensors.index.json)")
   return [os.path.join(folder, n) for n in files]
 
 

@@ -55,6 +55,7 @@ from eemo_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from eemo_jax.train.run import (NonFiniteLossError, announce_start, build_model, check_export_target, check_rows_shard,
                                 close_all, export, load_run_tokenizer, model_config, optimizer_settings,
                                 pipeline_config, report_saved, run_length, skipped_metrics, trainable_set)
+from eemo_jax.train.run import check_eval_split, check_tokenizer_fits
 from eemo_jax.train.state import abstract_train_state, create_train_state
 
 ROLLOUT_STREAM = 0x524F4C4C  # folded into the run's key for rollouts ("ROLL"), apart from dropout's per-step keys
@@ -260,12 +261,14 @@ def grpo(config, *, tokenizer=None, train_source=None, eval_source=None, progres
   prompts_per_step = int(t.global_batch_size) // g
   pcfg = dataclasses.replace(prompt_pipeline_config(config, arch, settings), tokenizer_dir=tokenizer_dir)
   check_rows_shard(pcfg.batch_size * g * jax.process_count(), mesh)
+  check_tokenizer_fits(config, arch, tokenizer, tokenizer_dir)
   export_dir = paths.absolute(t.export_dir)
   check_export_target(export_dir, run_dir, overwrite=t.export_overwrite)
 
   total_steps = run_length(config, pcfg, train_source, examples_per_step=prompts_per_step)
   if not t.steps:  # epochs count rollouts; each gives num_iterations optimizer steps
     total_steps *= settings.num_iterations
+  check_eval_split(config, pcfg, eval_source)
   opt_cfg = optimizer_settings(config, total_steps)
   optimizer = make_optimizer(dataclasses.replace(opt_cfg, accum_steps=1))  # micro-batches are summed in the step
   schedule = learning_rate_schedule(opt_cfg)
