@@ -668,20 +668,29 @@ def make_iterator(config: PipelineConfig, *, mesh=None, source: Sequence | None 
   return PipelineIterator(ds.__iter__())
 
 
-def check_compatible(config: PipelineConfig, model_config, tokenizer: TextTokenizer) -> None:
-  """Raises a ValueError naming every mismatch between the pipeline, its tokenizer and the model."""
-  special, vision = tokenizer.special, model_config.vision
+def token_mismatches(model_config, tokenizer: TextTokenizer) -> list[str]:
+  """Where a tokenizer does not fit a model: its vision token ids differ, or it has more tokens than the
+  model's embedding rows ("image_token_id: model 151655, tokenizer 510"); empty when it fits."""
+  special = tokenizer.special
   pairs = [("image_token_id", model_config.image_token_id, special.image_pad),
            ("video_token_id", model_config.video_token_id, special.video_pad),
            ("vision_start_token_id", model_config.vision_start_token_id, special.vision_start),
-           ("vision_end_token_id", model_config.vision_end_token_id, special.vision_end),
-           ("patch_size", vision.patch_size, config.patch_size),
+           ("vision_end_token_id", model_config.vision_end_token_id, special.vision_end)]
+  wrong = [f"{name}: model {a}, tokenizer {b}" for name, a, b in pairs if a != b]
+  if tokenizer.vocab_size > model_config.text.vocab_size:
+    wrong.append(f"vocab_size: model {model_config.text.vocab_size} < tokenizer {tokenizer.vocab_size}")
+  return wrong
+
+
+def check_compatible(config: PipelineConfig, model_config, tokenizer: TextTokenizer) -> None:
+  """Raises a ValueError naming every mismatch between the pipeline, its tokenizer and the model."""
+  vision = model_config.vision
+  pairs = [("patch_size", vision.patch_size, config.patch_size),
            ("temporal_patch_size", vision.temporal_patch_size, config.temporal_patch_size),
            ("spatial_merge_size", vision.spatial_merge_size, config.merge_size),
            ("window_size", vision.window_size, config.window_size)]
-  wrong = [f"{name}: model {a}, pipeline/tokenizer {b}" for name, a, b in pairs if a != b]
-  if tokenizer.vocab_size > model_config.text.vocab_size:
-    wrong.append(f"vocab_size: model {model_config.text.vocab_size} < tokenizer {tokenizer.vocab_size}")
+  wrong = token_mismatches(model_config, tokenizer)
+  wrong += [f"{name}: model {a}, pipeline {b}" for name, a, b in pairs if a != b]
   if wrong:
     raise ValueError("the pipeline does not match the model: " + "; ".join(wrong) + ". Use the tokenizer of the "
                      "checkpoint and copy its vision settings into PipelineConfig.")
@@ -697,13 +706,15 @@ _PROCESS_AXIS = {"position_ids": 1}
 
 
 def abstract_batch(config: PipelineConfig, tokenizer: TextTokenizer | None = None, *,
-                   process_count: int | None = None):
+                   process_count: int | None = None, mesh=None):
   """`jax.ShapeDtypeStruct`s of every global batch (static): for `jit_train_step`, AOT compilation, shardings.
 
   With several JAX processes each contributes its own rows and its own vision layout, concatenated along
   the row / slot axis; the vision inputs then say how many groups they hold (`VisionInputs.groups`).
   With `prompt_only`, the arrays that go to the device (`PROMPT_DEVICE_KEYS`, the rollout's `ModelInputs`);
-  the truth, questions and ids stay on the host.
+  the truth, questions and ids stay on the host. With a `mesh`, each carries the sharding `make_iterator`
+  places it with: a step lowered and compiled for these finds that executable in jit's cache at its first
+  call with a real batch (without them it would compile again).
   """
   import jax
   processes = jax.process_count() if process_count is None else process_count
@@ -718,7 +729,12 @@ def abstract_batch(config: PipelineConfig, tokenizer: TextTokenizer | None = Non
     shape = tuple(n * processes if i == axis else n for i, n in enumerate(x.shape))
     return jax.ShapeDtypeStruct(lead + shape, x.dtype)
 
-  return jax.tree_util.tree_map_with_path(spec, batch)
+  batch = jax.tree_util.tree_map_with_path(spec, batch)
+  if mesh is None:
+    return batch
+  placed = {key: jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), batch[key], sharding)
+            for key, sharding in batch_shardings(batch, mesh).items()}
+  return {**batch, **placed}
 
 
 def _with_groups(batch: dict[str, Any], groups: int) -> dict[str, Any]:

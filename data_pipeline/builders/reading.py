@@ -47,7 +47,8 @@ class RecordSource:
                          "overwrite=True)") from None
     if split not in info.splits:
       raise DatasetError(f"{self.dataset_dir} has no split {split!r}; it has {sorted(info.splits.keys())}: set "
-                         "data.split to one of them, or build the data set with that split")
+                         "data.split (eval.split for the held-out one) to one of them, or build the data set with "
+                         "that split")
     self.paths = [str(p) for p in info.splits[split].filepaths]
     if info.splits[split].num_examples == 0 or not self.paths:
       raise DatasetError(f"the {split} split of {self.dataset_dir} holds no records; rebuild the data set with "

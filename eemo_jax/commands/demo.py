@@ -55,6 +55,7 @@ def run(args) -> int:
   from data_pipeline.builders import build
   from data_pipeline.synthetic import SYNTHETIC_NOTICE
   from data_pipeline.tokenizer import build_offline_tokenizer, load_tokenizer
+  from eemo_jax import status
   from eemo_jax.config import load_config
   from eemo_jax.rl.run import grpo
   from eemo_jax.train.run import train
@@ -81,7 +82,8 @@ def run(args) -> int:
   config = load_config(_config_path(), overrides)
   shutil.rmtree(run_dir, ignore_errors=True)  # each demo trains from scratch
   _say(f"[3/7] SFT: tiny Qwen2.5-VL + EmoVerse head (configs/tiny_demo.py) -> {run_dir}")
-  summary = train(config, tokenizer=tokenizer)
+  with status.printed():  # the compile lines
+    summary = train(config, tokenizer=tokenizer)
   _say(f"      {summary.steps} steps in {summary.seconds:.0f} s; metrics in {run_dir}/metrics.jsonl and "
        f"{run_dir}/tensorboard")
 
@@ -115,7 +117,8 @@ def run(args) -> int:
     shutil.rmtree(grpo_dir, ignore_errors=True)
     _say(f"[7/7] GRPO: {grpo_config.grpo.num_generations} completions per CES prompt, EmoVerse's category reward "
          f"(configs/tiny_demo_grpo.py) -> {grpo_dir}")
-    rl = grpo(grpo_config, tokenizer=tokenizer)
+    with status.printed():  # the weights read, the compile lines
+      rl = grpo(grpo_config, tokenizer=tokenizer)
     before, after = (rl.eval_history[0][1].get("reward", float("nan")),
                      rl.eval_history[-1][1].get("reward", float("nan")))
     _say(f"      {rl.steps} steps in {rl.seconds:.0f} s; held-out mean reward {before:.3f} before, {after:.3f} after "

@@ -39,10 +39,12 @@ def add_arguments(parser, name):
 
 
 def run(args) -> int:
+  from eemo_jax import status
   from eemo_jax.commands.train import user_errors
   from eemo_jax.eval.loading import ModelSourceError
   try:
-    summary = _from_file(args) if args.predictions else _from_model(args)
+    with status.printed():  # the weights read, one line per file
+      summary = _from_file(args) if args.predictions else _from_model(args)
   except (ModelSourceError, *user_errors()) as error:
     print(f"eemo-jax eval: {error}", file=sys.stderr)
     return 2
@@ -86,6 +88,10 @@ def _from_model(args) -> str | None:
     if not hf_dir:
       raise ConfigError("no model to evaluate: pass --hf-dir or --checkpoint (the config names no export or "
                         "model.hf_dir)")
+  from data_pipeline.pipeline import PipelineConfig, load_source
+  d = config.data  # the records are opened before minutes of weight loading, to fail first if they are not there
+  load_source(PipelineConfig(dataset=d.dataset, data_dir=d.data_dir, split=config.eval.split,
+                             dataset_config=d.dataset_config))
   mesh = make_mesh(dict(config.mesh.items()))
   model = load_eval_model(hf_dir=hf_dir, checkpoint=checkpoint,
                           tokenizer_dir=args.tokenizer_dir or config.data.tokenizer_dir or None,

@@ -35,12 +35,14 @@ def add_arguments(parser, name):
 
 
 def run(args) -> int:
+  from eemo_jax import status
   from eemo_jax.eval.loading import ModelSourceError, load_eval_model
   from eemo_jax.eval.predict import PredictInputError, PredictSettings, list_images, predict
   from eemo_jax.hf.safetensors_io import CheckpointError
   try:
     images = list_images(args.image)
-    model = load_eval_model(hf_dir=args.hf_dir, checkpoint=args.checkpoint, tokenizer_dir=args.tokenizer_dir)
+    with status.printed():  # the weights read, one line per file
+      model = load_eval_model(hf_dir=args.hf_dir, checkpoint=args.checkpoint, tokenizer_dir=args.tokenizer_dir)
     settings = PredictSettings(task=args.task, question=args.question,
                                options=tuple(o.strip() for o in args.options.split(",") if o.strip()),
                                max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,

@@ -33,10 +33,14 @@ def user_errors() -> tuple[type[BaseException], ...]:
 def run_reporting_errors(command: str, job, *, extra_user_errors=()):
   """(exit code, job's result or None): a run's failures as one line on stderr each, with the exit codes of
   the module docstring."""
+  import jax
+
+  from eemo_jax import status
   from eemo_jax.train.checkpointing import CheckpointSaveError
   from eemo_jax.train.run import NonFiniteLossError
   try:
-    return 0, job()
+    with status.printed(enabled=jax.process_index() == 0):  # weights read, steps compiled: one line each
+      return 0, job()
   except NonFiniteLossError as error:
     print(f"eemo-jax {command}: {error}", file=sys.stderr)
     return 3, None

@@ -53,10 +53,12 @@ def parse_size(text: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+  from eemo_jax import status
   from eemo_jax.hf.safetensors_io import CheckpointError
   try:
     if args.command == "import-hf":
-      import_hf(args.hf_dir, args.ckpt_dir, dtype=args.dtype or "float32", adapter=args.adapter)
+      with status.printed():  # the weights read, one line per file
+        import_hf(args.hf_dir, args.ckpt_dir, dtype=args.dtype or "float32", adapter=args.adapter)
     else:
       export_hf(args.ckpt_dir, args.out_dir, dtype=args.dtype, max_shard_bytes=args.max_shard_size,
                 overwrite=args.overwrite)

@@ -165,8 +165,9 @@ class SafetensorsFolder:
 
   def __init__(self, folder: str):
     self.folder = folder
+    self.files = _weight_files(folder)  # the weight files, in the order transformers reads them
     self._entries: dict[str, TensorEntry] = {}
-    for path in _weight_files(folder):
+    for path in self.files:
       for key, entry in read_entries(path).items():
         if key in self._entries:
           first = os.path.basename(self._entries[key].path)
@@ -192,6 +193,19 @@ class SafetensorsFolder:
     return np.memmap(entry.path, dtype=entry.dtype, mode="r", offset=entry.offset, shape=(count,)).reshape(entry.shape)
 
 
+def read_through(path: str, chunk_bytes: int = 64 * 2**20) -> None:
+  """Reads a file once from start to end and drops the bytes: its pages are then in the OS page cache.
+
+  Loading places each parameter by slicing memory maps in parameter order, which visits every file
+  many times; reading the files first, one after the other, turns the disk work into sequential reads
+  whose progress can be shown file by file (`eemo_jax.hf.load`).
+  """
+  buffer = bytearray(chunk_bytes)
+  with open(path, "rb", buffering=0) as f:
+    while f.readinto(buffer):
+      pass
+
+
 def _weight_files(folder: str) -> list[str]:
   if not os.path.isdir(folder):
     raise CheckpointError(f"{folder} is not a directory; pass the folder that holds config.json and *.safetensors")
@@ -212,7 +226,8 @@ def _weight_files(folder: str) -> list[str]:
       raise CheckpointError(f"{folder} holds only PyTorch pickles ({', '.join(sorted(pickles))}). EEmo-JAX reads "
                             "safetensors only (pickles can run code); convert with transformers: "
                             "`Model.from_pretrained(dir).save_pretrained(out_dir)`.")
-    raise CheckpointError(f"{folder} holds no model*.safetensors weights")
+    raise CheckpointError(f"{folder} holds no model*.safetensors weights; pass an HF model folder (config.json + "
+                          "model.safetensors, or model-*-of-*.safetensors with model.safetensors.index.json)")
   return [os.path.join(folder, n) for n in files]
 
 

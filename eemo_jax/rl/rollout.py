@@ -120,6 +120,11 @@ class RolloutFn:
       rng = jax.device_put(rng, NamedSharding(self.mesh, PartitionSpec()))
     return state, inputs, rng, *scalars, eos, np.int32(pad_id)
 
+  def compile(self, state, inputs: ModelInputs, rng: jax.Array, *, eos_ids: int | Sequence[int], pad_id: int):
+    """Compiles the rollout for these arguments now, as `__call__` places them, so that a call with arguments
+    of the same shapes finds the executable in jit's cache (for timing the compile apart from the decode)."""
+    return self.jitted.lower(*self.arguments(state, inputs, rng, eos_ids=eos_ids, pad_id=pad_id)).compile()
+
   def lower(self, state, inputs: ModelInputs, *, eos_ids: int | Sequence[int] = (), pad_id: int = 0):
     """`jax.jit(...).lower` for ahead-of-time compiles: state and inputs may be abstract (`nnx.eval_shape`,
     `jax.ShapeDtypeStruct`s); with a mesh they are laid out as `__call__` places them."""

@@ -38,6 +38,7 @@ import numpy as np
 from flax import nnx
 
 from eemo_jax import paths
+from eemo_jax import status
 from eemo_jax.config import ConfigError
 from eemo_jax.host_memory import use_host_memory_for_cpu_steps
 from eemo_jax.parallel.sharding import make_mesh
@@ -54,6 +55,7 @@ from eemo_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from eemo_jax.train.run import (NonFiniteLossError, announce_start, build_model, check_export_target, check_rows_shard,
                                 close_all, export, load_run_tokenizer, model_config, optimizer_settings,
                                 pipeline_config, report_saved, run_length, skipped_metrics, trainable_set)
+from eemo_jax.train.run import check_eval_split, check_tokenizer_fits
 from eemo_jax.train.state import abstract_train_state, create_train_state
 
 ROLLOUT_STREAM = 0x524F4C4C  # folded into the run's key for rollouts ("ROLL"), apart from dropout's per-step keys
@@ -259,12 +261,14 @@ def grpo(config, *, tokenizer=None, train_source=None, eval_source=None, progres
   prompts_per_step = int(t.global_batch_size) // g
   pcfg = dataclasses.replace(prompt_pipeline_config(config, arch, settings), tokenizer_dir=tokenizer_dir)
   check_rows_shard(pcfg.batch_size * g * jax.process_count(), mesh)
+  check_tokenizer_fits(config, arch, tokenizer, tokenizer_dir)
   export_dir = paths.absolute(t.export_dir)
   check_export_target(export_dir, run_dir, overwrite=t.export_overwrite)
 
   total_steps = run_length(config, pcfg, train_source, examples_per_step=prompts_per_step)
   if not t.steps:  # epochs count rollouts; each gives num_iterations optimizer steps
     total_steps *= settings.num_iterations
+  check_eval_split(config, pcfg, eval_source)
   opt_cfg = optimizer_settings(config, total_steps)
   optimizer = make_optimizer(dataclasses.replace(opt_cfg, accum_steps=1))  # micro-batches are summed in the step
   schedule = learning_rate_schedule(opt_cfg)
@@ -481,6 +485,7 @@ class Engine:
     self._step_fn = make_grpo_step(graphdef, optimizer, loss=loss, trainable=trainable, schedule=schedule, mesh=mesh,
                                    rules=rules)
     self._jitted_step = None
+    self._rollout_compiled = False
     self._ref = None
     if reference is not None:
       self._ref = jax.jit(make_reference_logprobs(graphdef, loss=loss, lora=reference == "lora", mesh=mesh,
@@ -491,15 +496,20 @@ class Engine:
     return policy_of(nnx.merge(self.graphdef, state.params, state.frozen))
 
   def update(self, state, batch: UpdateBatch):
-    if self._jitted_step is None:
+    if self._jitted_step is None:  # compiled explicitly at the first update, with its batch: timed apart from the run
       self._jitted_step = jit_grpo_step(self._step_fn, state, batch, self.mesh, self.rules)
+      status.compile_timed("GRPO update", lambda: self._jitted_step.lower(state, batch).compile())
     return self._jitted_step(state, batch)
 
   def sample(self, state, prompts: list, key, extra_rewards) -> _Scored:
     """G completions for every prompt of the micro-batches, decoded, parsed and scored."""
     g = self.settings.num_generations
-    started = time.time()
     _, policy_state = nnx.split(self._policy(state))
+    if not self._rollout_compiled:  # explicitly, at the first sampling, with its prompts: timed apart from decoding
+      status.compile_timed("GRPO rollout", lambda: self._rollout.compile(
+          policy_state, prompts[0].inputs, key, eos_ids=self.eos_ids, pad_id=self.pad_id))
+      self._rollout_compiled = True
+    started = time.time()
     outs = [self._rollout(policy_state, p.inputs, jax.random.fold_in(key, m), eos_ids=self.eos_ids,
                           pad_id=self.pad_id) for m, p in enumerate(prompts)]
     host = jax.device_get([(o.tokens, o.mask, o.truncated, o.logprobs) for o in outs])

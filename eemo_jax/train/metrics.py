@@ -7,6 +7,7 @@ TensorBoard reads the files as usual. Only JAX process 0 writes.
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -155,17 +156,39 @@ def _plain(value):
 
 
 class ProgressLine:
-  """A one-line live status (`\\r`-updated on a terminal, a plain line every `every` steps otherwise)."""
+  """A one-line live status (`\\r`-updated on a terminal, a plain line every `every` steps otherwise), with the
+  time left (`eta 1h02m`) once two updates give a step rate.
 
-  def __init__(self, total_steps: int, *, stream=None, every: int = 10):
+  The rate is measured from the first update on, over the last `RATE_WINDOW` updates: the steps up to the
+  first update (the first step's warm-up, a resume's restore) do not count, and a run whose speed changes
+  (evaluations, a slower phase) is soon estimated at its current pace.
+  """
+
+  RATE_WINDOW = 20
+
+  def __init__(self, total_steps: int, *, stream=None, every: int = 10, clock=time.monotonic):
     self.total = total_steps
     self.stream = stream if stream is not None else sys.stderr
     self.every = max(1, every)
     self.live = hasattr(self.stream, "isatty") and self.stream.isatty()
+    self._clock = clock
+    self._marks: collections.deque[tuple[int, float]] = collections.deque(maxlen=self.RATE_WINDOW + 1)
+
+  def seconds_left(self, step: int) -> float | None:
+    """The time the remaining steps take at the recent rate; None before two updates or after the last step."""
+    if len(self._marks) < 2 or step >= self.total:
+      return None
+    (first_step, first_time), (last_step, last_time) = self._marks[0], self._marks[-1]
+    if last_step <= first_step or last_time <= first_time:
+      return None
+    return (self.total - step) * (last_time - first_time) / (last_step - first_step)
 
   def update(self, step: int, metrics: Mapping[str, float]) -> None:
+    self._marks.append((step, self._clock()))
+    left = self.seconds_left(step)
+    eta = f"  eta {format_duration(left)}" if left is not None else ""
     shown = "  ".join(_format(k, v) for k, v in metrics.items())
-    line = f"step {step}/{self.total}  {shown}"
+    line = f"step {step}/{self.total}{eta}  {shown}"
     if self.live:
       self.stream.write("\r\033[K" + line)
       self.stream.flush()
@@ -182,6 +205,21 @@ class ProgressLine:
     if self.live:
       self.stream.write("\n")
       self.stream.flush()
+
+
+def format_duration(seconds: float) -> str:
+  """The two largest units, the smaller truncated: `42s`, `12m05s`, `1h02m`, `2d03h`."""
+  total = int(round(seconds))
+  days, rest = divmod(total, 86400)
+  hours, rest = divmod(rest, 3600)
+  minutes, secs = divmod(rest, 60)
+  if days:
+    return f"{days}d{hours:02d}h"
+  if hours:
+    return f"{hours}h{minutes:02d}m"
+  if minutes:
+    return f"{minutes}m{secs:02d}s"
+  return f"{secs}s"
 
 
 def _format(name: str, value) -> str:

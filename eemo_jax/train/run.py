@@ -22,6 +22,7 @@ import jax
 from flax import nnx
 
 from eemo_jax import paths
+from eemo_jax import status
 from eemo_jax.config import ConfigError
 from eemo_jax.host_memory import use_host_memory_for_cpu_steps
 from eemo_jax.model.config import Qwen25VLConfig, preset
@@ -275,10 +276,12 @@ def train(config, *, tokenizer=None, train_source=None, eval_source=None, progre
   trainable = trainable_set(config, head_cfg is not None)
   pcfg = dataclasses.replace(pipeline_config(config, arch), tokenizer_dir=tokenizer_dir)
   check_rows_shard(pcfg.batch_size * jax.process_count(), mesh)
+  check_tokenizer_fits(config, arch, tokenizer, tokenizer_dir)
   export_dir = paths.absolute(t.export_dir)
   check_export_target(export_dir, run_dir, overwrite=t.export_overwrite)
 
   total_steps = run_length(config, pcfg, train_source, examples_per_step=int(t.global_batch_size))
+  check_eval_split(config, pcfg, eval_source)
   opt_cfg = optimizer_settings(config, total_steps)
   optimizer = make_optimizer(opt_cfg)
   schedule = learning_rate_schedule(opt_cfg)
@@ -318,17 +321,22 @@ def train(config, *, tokenizer=None, train_source=None, eval_source=None, progre
       if is_main:  # the inputs are usable and the state is in hand: now the run directory records this config
         run_record.write_config(config, run_dir, config_check, step=resumed_from)
 
-      batch_spec = to_train_batch(abstract_batch(pcfg, tokenizer))
+      batch_spec = to_train_batch(abstract_batch(pcfg, tokenizer, mesh=mesh))
       step_fn = jit_train_step(make_train_step(graphdef, optimizer, trainable=trainable,
                                                loss_config=loss_settings(config), schedule=schedule,
                                                forward=sft_forward, mesh=mesh, rules=rules),
                                state, batch_spec, mesh, rules)
+      # Compiled here, explicitly, to time it; the specs carry the batches' shardings, so the first step's
+      # call finds this executable in jit's cache.
+      if start < total_steps:
+        status.compile_timed("train step", lambda: step_fn.lower(state, batch_spec).compile())
       eval_fn = None
       if config.eval.batches:
         eval_spec = to_train_batch(abstract_batch(pipeline_config(config, arch, split=config.eval.split,
-                                                                  eval_mode=True), tokenizer))
+                                                                  eval_mode=True), tokenizer, mesh=mesh))
         eval_fn = jit_eval_step(make_eval_step(graphdef, loss_config=loss_settings(config), forward=sft_forward,
                                                mesh=mesh, rules=rules), state, eval_spec, mesh, rules)
+        status.compile_timed("eval step", lambda: eval_fn.lower(state, eval_spec).compile())
 
       flops = step_flops(arch, head_cfg, batch_spec, config)
       peak = _peak_flops(config) * jax.device_count()
@@ -429,6 +437,26 @@ def load_run_tokenizer(folder: str):
   except Exception as error:  # tokenizers raises its own exception types for a damaged file
     raise ConfigError(f"{os.path.join(folder, 'tokenizer.json')} cannot be read ({type(error).__name__}: "
                       f"{error}); point data.tokenizer_dir at a folder with a valid tokenizer.json") from None
+
+
+def check_tokenizer_fits(config, arch: Qwen25VLConfig, tokenizer, tokenizer_dir: str) -> None:
+  """Refuses, before anything is written, a tokenizer whose vision token ids or vocabulary are not the model's:
+  a model folder paired with another model's tokenizer (the pipeline refuses it too, but as a traceback)."""
+  from data_pipeline.pipeline import token_mismatches
+  wrong = token_mismatches(arch, tokenizer)
+  if wrong:
+    model = f"the model in {config.model.hf_dir}" if config.model.hf_dir else "the model"
+    raise ConfigError(f"the tokenizer in {tokenizer_dir} does not fit {model} ({'; '.join(wrong)}); set "
+                      "data.tokenizer_dir to the folder of the model's own tokenizer (by default model.hf_dir's)")
+
+
+def check_eval_split(config, pcfg, source) -> None:
+  """Opens the held-out split now: it is otherwise first read at the first evaluation, after the run directory
+  is written and the steps are compiled (or, in SFT, after eval.every steps)."""
+  if not config.eval.batches or source is not None:
+    return
+  from data_pipeline.pipeline import load_source
+  load_source(dataclasses.replace(pcfg, split=config.eval.split))
 
 
 _SHOWN = ("loss", "lm_loss", "token_accuracy", "ces_loss", "ces_accuracy", "grad_norm", "lr", "tokens_per_s", "mfu",

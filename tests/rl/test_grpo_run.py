@@ -21,8 +21,9 @@ import time
 import jax
 import numpy as np
 import pytest
+from jax_compiles import compiles_logged
 
-from eemo_jax import cli
+from eemo_jax import cli, status
 from eemo_jax.config import ConfigError, load_config
 from eemo_jax.rl.run import RewardFunctionError, grpo
 
@@ -81,7 +82,8 @@ def test_metrics_samples_and_the_config_rewards(assets, tmp_path):
   config = load_config(TINY_GRPO, overrides(assets, run_dir, grpo__rewards="(('format', 1.0), ('eemo_task', 0.5))",
                                             grpo__beta=0.04, grpo__num_iterations=2, eval__batches=1))
   progress = io.StringIO()
-  summary = grpo(config, reward_functions=TOY, progress_stream=progress)
+  with status.printed(progress), compiles_logged() as compiled:  # as `eemo-jax grpo` prints them
+    summary = grpo(config, reward_functions=TOY, progress_stream=progress)
   logged = rows(run_dir)
   assert sorted(logged) == [1, 2, 3, 4] and len(summary.reward_history) == 2  # two rollouts, two updates each
   first = logged[1]
@@ -104,6 +106,14 @@ def test_metrics_samples_and_the_config_rewards(assets, tmp_path):
   assert [r["step"] for r in evals] == [0, 4] and [s for s, _ in summary.eval_history] == [0, 4]
   assert {"reward", "rewards/low_ids/mean", "rewards/format/mean", "parse_failure/all"} <= set(evals[0])
   assert "eval @ 0: held-out reward" in progress.getvalue()
+  # A line before and after each compile, which the first call then reuses (the held-out prompts and the
+  # rollout's have the same shapes): one compile of each.
+  lines = progress.getvalue().splitlines()
+  for name in ("GRPO rollout", "GRPO update"):
+    assert lines.count(f"compiling {name}…") == 1, lines
+    assert len([line for line in lines if re.fullmatch(rf"compiled {name} in \d+\.\d s", line)]) == 1, lines
+  assert lines.index("compiling GRPO rollout…") < lines.index(next(x for x in lines if x.startswith("eval @ 0")))
+  assert compiled.count("_rollout") == 1 and compiled.count("grpo_step") == 1, compiled
 
 
 def _script(tmp_path, assets, run_dir) -> list[str]:

@@ -2,11 +2,12 @@
 
 import io
 import json
+import re
 
 import numpy as np
 import pytest
 
-from eemo_jax.train.metrics import MetricsWriter, ProgressLine, crc32c
+from eemo_jax.train.metrics import MetricsWriter, ProgressLine, crc32c, format_duration
 
 
 def test_crc32c_known_vectors():
@@ -60,14 +61,61 @@ def test_tensorboard_crc_checks_pass(tmp_path):
   assert count == 2  # version record + one scalar record
 
 
+class FakeClock:
+  """The seconds at which each successive update happens."""
+
+  def __init__(self, times):
+    self.times = iter(times)
+
+  def __call__(self) -> float:
+    return next(self.times)
+
+
 def test_progress_line_without_a_terminal_prints_every_n_steps():
   stream = io.StringIO()
-  line = ProgressLine(total_steps=20, stream=stream, every=10)
+  line = ProgressLine(total_steps=20, stream=stream, every=10, clock=FakeClock(range(1, 21)))  # a step a second
   for step in range(1, 21):
     line.update(step, {"loss": 1.0 / step, "lr": 3e-4})
   line.message("eval ces_accuracy 0.5")
   assert stream.getvalue().splitlines() == [
-      "step 10/20  loss 0.1  lr 3.00e-04", "step 20/20  loss 0.05  lr 3.00e-04", "eval ces_accuracy 0.5"]
+      "step 10/20  eta 10s  loss 0.1  lr 3.00e-04", "step 20/20  loss 0.05  lr 3.00e-04", "eval ces_accuracy 0.5"]
+
+
+def _etas(total: int, steps, times, every: int = 1) -> list[str | None]:
+  """The eta shown on each update's line, or None."""
+  stream = io.StringIO()
+  line = ProgressLine(total_steps=total, stream=stream, every=every, clock=FakeClock(times))
+  for step in steps:
+    line.update(step, {"loss": 1.0})
+  return [re.search(r"eta (\S+)", text).group(1) if "eta" in text else None
+          for text in stream.getvalue().splitlines()]
+
+
+def test_eta_leaves_out_the_first_step():
+  """Step 1 ends at 100 s (it compiled), then 2 s a step: after step 3, 997 steps left take 1994 s. Counting
+  the first step (3 steps in 104 s) would say 9h36m."""
+  assert _etas(1000, [1, 2, 3], [100.0, 102.0, 104.0]) == [None, "33m16s", "33m14s"]
+
+
+def test_eta_follows_the_recent_rate():
+  """1 s a step for steps 1-21, then 10 s a step: at step 42 the window (the last 21 updates: steps 22-42,
+  200 s for 20 steps) gives 10 s a step, so the 58 steps left take 580 s."""
+  times = [float(k) for k in range(1, 22)] + [21.0 + 10 * (k - 21) for k in range(22, 43)]
+  assert _etas(100, range(1, 43), times)[-1] == "9m40s"
+
+
+def test_eta_of_a_resumed_run_logging_every_10_steps():
+  """Updates at steps 510, 520, 530, 50 s apart (5 s a step): after step 530, 470 steps left take 2350 s; no
+  eta on the last step's line."""
+  assert _etas(1000, [510, 520, 530], [0.0, 50.0, 100.0], every=10) == [None, "40m00s", "39m10s"]
+  assert _etas(530, [510, 520, 530], [0.0, 50.0, 100.0], every=10) == [None, "50s", None]
+
+
+@pytest.mark.parametrize("seconds, text", [(0, "0s"), (59.4, "59s"), (59.6, "1m00s"), (725, "12m05s"),
+                                           (3599.6, "1h00m"), (3720, "1h02m"), (3 * 3600 + 59 * 60 + 59, "3h59m"),
+                                           (2 * 86400 + 3 * 3600 + 59, "2d03h")])
+def test_format_duration(seconds, text):
+  assert format_duration(seconds) == text
 
 
 def test_disabled_writer_writes_nothing(tmp_path):

@@ -20,8 +20,9 @@ import time
 import jax
 import numpy as np
 import pytest
+from jax_compiles import compiles_logged
 
-from eemo_jax import cli
+from eemo_jax import cli, status
 from eemo_jax.config import ConfigError, load_config
 from eemo_jax.parallel.sharding import make_mesh
 from eemo_jax.train.checkpointing import RunCheckpoints
@@ -93,8 +94,9 @@ def reference(assets, tmp_path_factory):
   run_dir, export_dir = root / "run", root / "export"
   config = load_config(TINY, _overrides(assets, run_dir, train__export_dir=export_dir, eval__every=4))
   progress = io.StringIO()
-  summary = train(config, progress_stream=progress)
-  return run_dir, export_dir, summary, progress.getvalue()
+  with status.printed(progress), compiles_logged() as compiled:  # as `eemo-jax train` prints them
+    summary = train(config, progress_stream=progress)
+  return run_dir, export_dir, summary, progress.getvalue(), compiled
 
 
 # --------------------------------------------------------------------------------------------------
@@ -106,7 +108,7 @@ def test_run_writes_config_metrics_tensorboard_checkpoints_and_export(reference)
   """What a user reads after a run: the resolved config, one JSONL row per step and per eval, the same
   scalars in TensorBoard, the newest checkpoints, and an HF folder transformers loads cleanly + the head."""
   from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-  run_dir, export_dir, summary, progress = reference
+  run_dir, export_dir, summary, progress, _ = reference
   assert summary.steps == STEPS and summary.resumed_from is None and summary.export_dir == str(export_dir)
 
   saved = json.loads((run_dir / "config.json").read_text())
@@ -145,6 +147,21 @@ def test_run_writes_config_metrics_tensorboard_checkpoints_and_export(reference)
   head = load_head(str(export_dir))
   assert head.config.kind == "pooled" and head.config.classifier_hidden == 32
   assert head.config.num_hidden_layers_mean == 3
+
+
+def test_each_compile_is_announced_and_happens_once(reference):
+  """A line before and after each compile (minutes on a real model), before the first step; the first step's
+  call runs the executable compiled for those lines instead of compiling again. The step lines between the
+  first and the last show an eta."""
+  *_, progress, compiled = reference
+  lines = progress.splitlines()
+  steps = [i for i, line in enumerate(lines) if re.match(r"step \d+/", line)]
+  for name in ("train step", "eval step"):
+    starts = [i for i, line in enumerate(lines) if line == f"compiling {name}…"]
+    ends = [i for i, line in enumerate(lines) if re.fullmatch(rf"compiled {name} in \d+\.\d s", line)]
+    assert len(starts) == len(ends) == 1 and starts[0] < ends[0] < steps[0], lines
+  assert compiled.count("train_step") == 1 and compiled.count("eval_step") == 1, compiled
+  assert all(re.match(r"step \d+/\d+  eta \d", lines[i]) for i in steps[1:-1]), lines
 
 
 # --------------------------------------------------------------------------------------------------
