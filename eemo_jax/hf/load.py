@@ -4,10 +4,13 @@ The model is first built abstractly (`nnx.eval_shape`: no memory), then each par
 with `jax.make_array_from_callback`: every device's callback reads only its own slice of the
 memory-mapped safetensors, so a 7B import never holds the whole model on one host.
 
-Reading a real checkpoint takes minutes, so the files are first read through once, in order, each
-reported on the `eemo_jax.status` logger (`read model-00001-of-00004.safetensors (4.0 GB) 1/4 in 21.3 s`);
-the placing that follows finds their pages in memory. Where the files are larger than the host's free
-memory that pass would only evict its own pages, so it is skipped (and said so).
+Reading a real checkpoint takes minutes, so progress is reported on the `eemo_jax.status` logger. A single
+host needs every byte of every file (its devices hold the whole model between them), so the files are first
+read through once, in order, a line each (`read model-00001-of-00004.safetensors (4.0 GB) 1/4 in 21.3 s`),
+and the placing that follows finds their pages in memory. On a multi-host job each host needs only its
+slices, and reading whole files would multiply the bytes each host reads; there, and where the files are
+larger than the host's free memory (the pass would only evict its own pages), the placing itself reports
+every tenth of the parameters.
 """
 
 from __future__ import annotations
@@ -75,39 +78,52 @@ def load_hf(folder: str, *, dtype="float32", param_dtype=None, mesh=None, rules=
   mesh = mesh if mesh is not None else current_mesh()
   shardings = state_shardings(state, mesh, rules) if mesh is not None else None
 
-  read_weight_files(folder, tensors.files)
+  read_files_first = read_weight_files(folder, tensors.files)
   started = time.perf_counter()
   flat = dict(nnx.to_flat_state(state))
   flat_shardings = dict(nnx.to_flat_state(shardings)) if shardings is not None else {}
   rules = key_table(config)
-  for rule in rules:
+  tenth = max(1, len(rules) // 10)
+  for index, rule in enumerate(rules, start=1):
     var = flat[rule.path]
     target = var.get_value() if hasattr(var, "get_value") else var.value
     sharding = flat_shardings.get(rule.path)
     sharding = getattr(sharding, "value", sharding)
     var.set_value(_materialize(rule, config, tensors, present, target, sharding))
+    if not read_files_first and index % tenth == 0 and index < len(rules):
+      status.log.info("placed %d/%d parameters in %.1f s", index, len(rules), time.perf_counter() - started)
   devices = mesh.size if mesh is not None else 1
   status.log.info("placed %d parameters on %d device%s in %.1f s", len(rules), devices, "s" * (devices != 1),
                   time.perf_counter() - started)
   return nnx.merge(graphdef, state)
 
 
-def read_weight_files(folder: str, files: list[str]) -> None:
-  """Reads each weight file through once, in order, with a status line per file (see the module docstring)."""
+def read_weight_files(folder: str, files: list[str]) -> bool:
+  """Reads each weight file through once, in order, with a status line per file, where that costs no extra reading
+  (see the module docstring); returns whether it did."""
   sizes = [os.path.getsize(path) for path in files]
   total = sum(sizes)
   status.log.info("loading %s: %d safetensors file%s, %s", folder, len(files), "s" * (len(files) != 1),
                   status.format_bytes(total))
+  hosts = host_count()
+  if hosts > 1:
+    status.log.info("each of the %d hosts reads only its slices of the weights", hosts)
+    return False
   free = available_memory()
   if free is not None and total > free:
-    status.log.info("the weights (%s) exceed the free memory (%s): they are read while placed, without a line per "
-                    "file", status.format_bytes(total), status.format_bytes(free))
-    return
+    status.log.info("the weights (%s) exceed the free memory (%s): they are read while placed", status.format_bytes(total),
+                    status.format_bytes(free))
+    return False
   for index, (path, size) in enumerate(zip(files, sizes), start=1):
     started = time.perf_counter()
     read_through(path)
     status.log.info("read %s (%s) %d/%d in %.1f s", os.path.basename(path), status.format_bytes(size), index,
                     len(files), time.perf_counter() - started)
+  return True
+
+
+def host_count() -> int:
+  return jax.process_count()
 
 
 def available_memory() -> int | None:

@@ -69,16 +69,28 @@ def test_one_line_per_file_then_the_placing(sharded_folder, capsys):
     np.testing.assert_array_equal(ours[path], theirs[path], err_msg=str(path))
 
 
-def test_weights_larger_than_the_free_memory_are_not_read_ahead(sharded_folder, monkeypatch):
-  """Reading ahead would only evict its own pages: it is skipped, and the line says so."""
-  monkeypatch.setattr(load, "available_memory", lambda: 1000)
+@pytest.mark.parametrize("reason", ["memory", "hosts"])
+def test_without_the_read_ahead_the_placing_reports_its_progress(sharded_folder, monkeypatch, reason):
+  """Reading ahead would only evict its own pages (weights over the free memory), or make every host read every
+  byte (multi-host): it is skipped, a line says why, and the placing reports every tenth of the parameters."""
+  if reason == "memory":
+    monkeypatch.setattr(load, "available_memory", lambda: 1000)
+  else:
+    monkeypatch.setattr(load, "host_count", lambda: 4)
   stream = io.StringIO()
   with status.printed(stream):
     load.load_hf(sharded_folder)
   lines = stream.getvalue().splitlines()
-  assert len(lines) == 3 and lines[0].startswith(f"loading {sharded_folder}: ")
-  assert lines[1].startswith("the weights (") and "exceed the free memory (1.0 kB)" in lines[1]
-  assert lines[2].startswith("placed ")
+  assert lines[0].startswith(f"loading {sharded_folder}: ")
+  if reason == "memory":
+    assert lines[1].startswith("the weights (") and "exceed the free memory (1.0 kB)" in lines[1]
+  else:
+    assert lines[1] == "each of the 4 hosts reads only its slices of the weights"
+  total = int(re.fullmatch(r"placed (\d+) parameters on 1 device in \d+\.\d s", lines[-1]).group(1))
+  tenth = max(1, total // 10)
+  counts = [int(re.fullmatch(r"placed (\d+)/(\d+) parameters in \d+\.\d s", line).group(1)) for line in lines[2:-1]]
+  assert counts == list(range(tenth, total, tenth))
+  assert not any(READ.match(line) for line in lines)
 
 
 def test_import_hf_prints_the_loading_lines(sharded_folder, tmp_path, capsys):
