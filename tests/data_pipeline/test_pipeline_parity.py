@@ -25,7 +25,7 @@ from eemo_jax.hf.load import load_hf
 from eemo_jax.model.vision import prepare_vision
 from hf_fixtures import save_hf_model, tiny_hf_config
 
-TOL = 1e-4  # fp32 logits, spec §8
+TOL = 3e-6  # fp32 logits: ~10x the measured 2.7e-7 (both tasks, AMD EPYC); spec §8's bar is 1e-4
 ROWS = 3
 
 

@@ -106,7 +106,8 @@ def _forward(graphdef, state, inputs):
                vision=inputs.vision).logits
 
 
-def _assert_greedy_parity(model, ref, batch):
+def _assert_greedy_parity(model, ref, batch, bound):
+  """`bound`: on max |JAX - HF| over the logits of every step (logits of std ~1.5)."""
   ours = _jax_generate(model, batch)
   theirs, hf_logits = _hf_generate(ref, batch)
   assert not np.any(ours == IMAGE), "a generated image-pad id would be re-embedded as an image below"
@@ -114,7 +115,7 @@ def _assert_greedy_parity(model, ref, batch):
   err = np.abs(jax_logits - hf_logits).max()
   top2 = np.sort(hf_logits, axis=-1)[..., -2:]
   margin = (top2[..., 1] - top2[..., 0]).min()
-  assert err < 1e-4 * LM_HEAD_SCALE, err
+  assert err < bound, err
   # An argmax flips only if two logits move by more than margin/2 between implementations: with 10x
   # slack, greedy is decisive at every step and the ids must agree exactly.
   assert margin > 10 * err, (margin, err)
@@ -122,14 +123,15 @@ def _assert_greedy_parity(model, ref, batch):
   return ours
 
 
+# Bounds ~10x the measured max |Δlogits| (fp32, "highest", AMD EPYC); the spec's bar would be 1e-4 x LM_HEAD_SCALE.
 def test_greedy_matches_hf_with_images(models, image_batch):
   ref, model = models
-  _assert_greedy_parity(model, ref, image_batch)
+  _assert_greedy_parity(model, ref, image_batch, bound=2e-5)  # measured 1.9e-6
 
 
 def test_greedy_matches_hf_text_only(models, text_batch):
   ref, model = models
-  _assert_greedy_parity(model, ref, text_batch)
+  _assert_greedy_parity(model, ref, text_batch, bound=2e-5)  # measured 2.2e-6
 
 
 def test_eos_stops_one_row_like_hf(models, image_batch):
@@ -229,7 +231,9 @@ def test_sampled_tokens_stay_in_top_k(models, text_batch):
   logits = _teacher_forced_logits(model, text_batch, tokens)  # (batch, NEW, vocab)
   kth = np.sort(logits, axis=-1)[..., -k]
   chosen = np.take_along_axis(logits, tokens[..., None], axis=-1)[..., 0]
-  assert np.all(chosen >= kth - 1e-4)
+  # The sampler's logits and this forward's differ by rounding (~2e-6, as against HF above), so a token in
+  # the sampler's top k may sit below this forward's k-th by twice that; measured: never below (min 0).
+  assert np.all(chosen >= kth - 2e-5)
   assert len(np.unique(tokens)) > k, "temperature 3 should visit many tokens"
 
 

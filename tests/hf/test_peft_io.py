@@ -33,7 +33,11 @@ from eemo_jax.hf.safetensors_io import CheckpointError  # noqa: E402
 from eemo_jax.model import lora  # noqa: E402
 from eemo_jax.model.qwen25vl import prepare_inputs  # noqa: E402
 
-TOL = 1e-4  # ours vs torch, fp32 (the parity bar of the model tests)
+# Max |Δlogits| ours vs PeftModel (fp32, "highest"), per adapter: ~10x the measured value (AMD EPYC), far
+# under the spec's parity bar of 1e-4. `names` trains lm_head whole, which makes its logits larger.
+PEFT_MADE_TOL = {"all_linear": 2.5e-6, "names": 1e-5, "regex": 2e-6}  # measured 2.4e-7, 9.5e-7, 1.6e-7
+OURS_TOL = {"all_linear": 1e-5, "emoverse": 2e-6}  # measured 9.8e-7, 2.1e-7
+CHANGED = 1e-2  # an adapter moves the logits by more than this: far above any rounding
 BATCH = make_batch([[(1, 4, 6)], [(1, 2, 2)]])  # two images of different sizes, left padding
 
 # peft LoraConfig arguments: names matched as suffixes (with the lm_head trained whole), a regex that
@@ -113,8 +117,8 @@ def test_peft_adapter_gives_peft_logits(variant, peft_made, base):
   got = our_logits(model)
   diff = valid_diff(got, want)
   print(f"{variant}: max |logits - PeftModel's| = {diff:.2e}")
-  assert diff < TOL
-  assert valid_diff(our_logits(load_hf(base)), want) > 100 * TOL  # the adapter does change the logits
+  assert diff < PEFT_MADE_TOL[variant]
+  assert valid_diff(our_logits(load_hf(base)), want) > CHANGED  # the adapter does change the logits
 
 
 def transformers4_name(name: str) -> str:
@@ -138,14 +142,15 @@ def test_transformers4_names_read_the_same(variant, peft_made, base, tmp_path):
     json.dump(config, f)
   model = load_hf(base)
   load_peft_adapter(model, old)
-  assert valid_diff(our_logits(model), want) < TOL
+  assert valid_diff(our_logits(model), want) < PEFT_MADE_TOL[variant]
 
 
 def test_import_hf_merges_the_adapter(peft_made, base, tmp_path):
   folder, want = peft_made("names")
   ckpt = os.fspath(tmp_path / "ckpt")
   assert main(["import-hf", base, ckpt, "--adapter", folder]) == 0
-  assert valid_diff(our_logits(load_checkpoint(ckpt)), want) < TOL
+  # Merged into the weights: measured 1.2e-6.
+  assert valid_diff(our_logits(load_checkpoint(ckpt)), want) < 1.2e-5
 
 
 # --------------------------------------------------------------------------------------------------
@@ -177,8 +182,8 @@ def test_saved_adapter_gives_our_logits_in_peft(variant, base, tmp_path):
   got = peft_logits(base, out)
   diff = valid_diff(got, want)
   print(f"{variant}: max |PeftModel's logits - ours| = {diff:.2e}")
-  assert diff < TOL
-  assert valid_diff(torch_logits(torch_base(base), BATCH), want) > 100 * TOL
+  assert diff < OURS_TOL[variant]
+  assert valid_diff(torch_logits(torch_base(base), BATCH), want) > CHANGED
 
 
 # --------------------------------------------------------------------------------------------------

@@ -85,7 +85,7 @@ def source(tmp_path_factory):
   _, ref = save_hf_model(folder, tiny_hf_config(tie=False))
   model = load_hf(folder)
   logits = forward(model)
-  np.testing.assert_allclose(logits, torch_logits(ref, BATCH), atol=1e-4, rtol=0)  # parity sanity check
+  np.testing.assert_allclose(logits, torch_logits(ref, BATCH), atol=2e-6, rtol=0)  # parity check: measured 1.8e-7
   return folder, ref, model, logits
 
 
@@ -103,9 +103,10 @@ def test_params_placed_by_state_shardings(sharded, source):
 
 def test_sharded_logits_match_unsharded(sharded, source):
   mesh, model = sharded
-  np.testing.assert_allclose(forward(model), source[3], atol=1e-5, rtol=0)
+  # Measured 2.4e-7 (2x2x2) and 2.1e-7 (1x8x1): the sharded matmuls sum in another order.
+  np.testing.assert_allclose(forward(model), source[3], atol=2.5e-6, rtol=0)
   with jax.set_mesh(mesh):
-    np.testing.assert_allclose(forward(model), source[3], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(forward(model), source[3], atol=2.5e-6, rtol=0)
 
 
 def test_load_under_set_mesh(source):

@@ -29,8 +29,11 @@ from eemo_jax.hf.safetensors_io import CheckpointError  # noqa: E402
 from eemo_jax.model.heads import EmotionHead, EmotionModel, HeadConfig  # noqa: E402
 from eemo_jax.model.qwen25vl import prepare_inputs  # noqa: E402
 
-HEAD_TOL = 1e-5  # head alone, on the same hidden states
-MODEL_TOL = 1e-4  # backbone + head (the backbone's parity bar)
+# Max |Δ| against the authors' head and transformers (fp32, "highest"), ~10x the largest measured (AMD EPYC)
+# of each group; the spec's parity bar is 1e-4.
+HEAD_TOL = 2e-6  # head alone, on the same hidden states: measured 1.8e-7 (outputs of ~0.5)
+HIDDEN_TOL = 1e-5  # the backbone's hidden states: measured 7.2e-7 (the normed last one, values of ~4)
+MODEL_TOL = 2e-6  # backbone + head, DES, CES and LM logits: measured 1.8e-7
 HIDDEN = 64
 EMO = 110  # the [EMO] token of the token head
 # Three left-padded rows of different lengths, images of different sizes, [EMO] at different places.
@@ -154,7 +157,7 @@ def test_hf_hidden_states_equal_transformers_last_k(models, k):
   assert out.hidden_states.shape == (k,) + BATCH["input_ids"].shape + (HIDDEN,)
   valid = BATCH["attention_mask"].astype(bool)
   for i, ref in enumerate(hidden[-k:]):
-    assert np.abs(np.asarray(out.hidden_states[i]) - ref.numpy())[valid].max() <= MODEL_TOL, i
+    assert np.abs(np.asarray(out.hidden_states[i]) - ref.numpy())[valid].max() <= HIDDEN_TOL, i
 
 
 def test_hf_hidden_states_rejects_bad_requests(models):

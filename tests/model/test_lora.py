@@ -28,8 +28,10 @@ from eemo_jax.model.layers import Linear  # noqa: E402
 from eemo_jax.model.qwen25vl import prepare_inputs  # noqa: E402
 from eemo_jax.parallel.sharding import make_mesh  # noqa: E402
 
-TOL = 1e-5  # merged vs unmerged, both ours, fp32
-REF_TOL = 1e-4  # ours vs transformers (the parity bar)
+TOL = 1e-5  # merged vs unmerged, both ours, fp32: measured 3.6e-7 (text), 1.6e-6 (all-linear)
+# Ours vs transformers (the parity bar is 1e-4): ~10x the measured max |Δlogits| (fp32, "highest", AMD EPYC);
+# the cases with unmerged adapters set theirs below.
+EXPORT_TOL = 1e-5  # the merged export loaded in transformers: measured 9.4e-7
 RANK = 4
 BATCH = make_batch([[(1, 4, 6)], [(1, 2, 2)]], pad="left")
 TEXT = ("language_model/layers/*/self_attn/*", "language_model/layers/*/mlp/*")
@@ -78,8 +80,10 @@ def test_zero_init_lora_gives_exactly_the_base_logits(checkpoint, inputs):
   np.testing.assert_array_equal(np.asarray(_logits(nnx.view(model, deterministic=True), inputs)), np.asarray(base))
 
 
-@pytest.mark.parametrize("targets", [TEXT, ("all-linear",)], ids=["text", "text-vision-merger-lm_head"])
-def test_unmerged_equals_transformers_with_the_update_and_merged_equals_unmerged(checkpoint, inputs, targets):
+# Adapters on lm_head make the logits (and their rounding) larger: measured 3.3e-7 and 2.5e-6.
+@pytest.mark.parametrize("targets, ref_tol", [(TEXT, 3e-6), (("all-linear",), 2.5e-5)],
+                         ids=["text", "text-vision-merger-lm_head"])
+def test_unmerged_equals_transformers_with_the_update_and_merged_equals_unmerged(checkpoint, inputs, targets, ref_tol):
   folder, ref = checkpoint
   config = lora.LoraConfig(rank=RANK, alpha=8.0, dropout=0.05, targets=targets,
                            exclude=("*embed*",) if targets == ("all-linear",) else ("lm_head", "*embed*"))
@@ -89,7 +93,7 @@ def test_unmerged_equals_transformers_with_the_update_and_merged_equals_unmerged
   unmerged = np.asarray(_logits(evaluating, inputs))
   expected = torch_logits(_torch_with_update(folder, model), BATCH)
   assert _valid_diff(unmerged, torch_logits(ref, BATCH)) > 1e-2  # the adapters do change the model
-  assert _valid_diff(unmerged, expected) <= REF_TOL
+  assert _valid_diff(unmerged, expected) <= ref_tol
 
   lora.merge_lora(model)
   assert not nnx.state(model, lora.lora_filter) and not nnx.state(model, lora.lora_dropout_filter)
@@ -134,7 +138,7 @@ def test_merged_export_loads_in_transformers_with_the_same_logits(checkpoint, in
   exported, info = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
       str(tmp_path), attn_implementation="eager", output_loading_info=True)
   assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-  assert _valid_diff(torch_logits(exported.eval(), BATCH), unmerged) <= REF_TOL
+  assert _valid_diff(torch_logits(exported.eval(), BATCH), unmerged) <= EXPORT_TOL
 
 
 def test_export_with_unmerged_adapters_is_refused(checkpoint, tmp_path):

@@ -1,7 +1,10 @@
 """Logit parity with transformers 5.23 (eager attention, fp32) on tiny random models.
 
 Every case loads the weights transformers saved, runs both implementations on the same batch and
-compares logits at valid (non-pad) positions: max |Δ| ≤ 1e-4 (spec §8).
+compares logits at valid (non-pad) positions. The spec's bar (§8) is max |Δ| ≤ 1e-4; measured, fp32
+with "highest" matmul precision differs by 1-3e-7 (a few ulps of logits of ~0.6), so each case is held
+to ~10x its own measured difference (the largest over the four models, AMD EPYC), which leaves room
+for other CPUs and still shows a regression.
 """
 
 import numpy as np
@@ -10,8 +13,6 @@ import torch
 
 from eemo_jax.hf.load import load_hf
 from hf_fixtures import make_batch, save_hf_model, tiny_hf_config, torch_logits
-
-TOL = 1e-4
 
 
 def _valid_max_diff(ours, ref, mask):
@@ -33,27 +34,28 @@ def models(request, tmp_path_factory):
 
 # (rows of image grids, padding side). Grids: (1,10,12) has partial windows (5x6 merged, window 4);
 # (1,16,16) is 8x8 merged, which the window divides exactly; (2,4,4) is two temporal patches.
+# The last field is the bound on max |Δlogits|, after the measured value.
 CASES = {
-    "text-only": ([[], []], "right"),
-    "one-image": ([[(1, 4, 6)]], "left"),
-    "divisible-window": ([[(1, 16, 16)]], "left"),
-    "partial-windows": ([[(1, 10, 12)]], "right"),
-    "several-images-one-row": ([[(1, 10, 12), (1, 4, 4)]], "left"),
-    "padded-batch-mixed-sizes": ([[(1, 10, 12)], [(1, 4, 6), (1, 2, 2)], [(1, 16, 16)]], "left"),
-    "right-padded-images": ([[(1, 2, 4)], [(1, 10, 12)]], "right"),
-    "two-frame-grid": ([[(2, 4, 4)]], "left"),
+    "text-only": ([[], []], "right", 2e-6),  # 1.8e-7
+    "one-image": ([[(1, 4, 6)]], "left", 2e-6),  # 1.8e-7
+    "divisible-window": ([[(1, 16, 16)]], "left", 3e-6),  # 2.7e-7
+    "partial-windows": ([[(1, 10, 12)]], "right", 2e-6),  # 2.1e-7
+    "several-images-one-row": ([[(1, 10, 12), (1, 4, 4)]], "left", 2e-6),  # 2.1e-7
+    "padded-batch-mixed-sizes": ([[(1, 10, 12)], [(1, 4, 6), (1, 2, 2)], [(1, 16, 16)]], "left", 2.5e-6),  # 2.4e-7
+    "right-padded-images": ([[(1, 2, 4)], [(1, 10, 12)]], "right", 2.5e-6),  # 2.2e-7
+    "two-frame-grid": ([[(2, 4, 4)]], "left", 2e-6),  # 1.6e-7
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_logits_match_transformers(models, case):
   model, ref = models
-  rows, pad = CASES[case]
+  rows, pad, bound = CASES[case]
   batch = make_batch(rows, pad=pad, seed=len(case))
   expected = torch_logits(ref, batch)
   ours = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["image_grid_thw"]).logits
   assert ours.shape == expected.shape
-  assert _valid_max_diff(ours, expected, batch["attention_mask"]) <= TOL
+  assert _valid_max_diff(ours, expected, batch["attention_mask"]) <= bound
 
 
 @pytest.mark.parametrize("pad", ["left", "right"])
@@ -67,7 +69,7 @@ def test_long_rows_match_transformers(models, pad):
   assert batch["input_ids"].shape[1] >= 120
   expected = torch_logits(ref, batch)
   ours = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["image_grid_thw"]).logits
-  assert _valid_max_diff(ours, expected, batch["attention_mask"]) <= TOL
+  assert _valid_max_diff(ours, expected, batch["attention_mask"]) <= 2.5e-6  # measured 2.4e-7 (either padding)
 
 
 def test_left_padded_text_matches_generate_positions(models):
@@ -81,7 +83,7 @@ def test_left_padded_text_matches_generate_positions(models):
   pos = (mask.cumsum(-1) - 1).clamp(min=0)
   expected = torch_logits(ref, {**batch, "mm_token_type_ids": None}, position_ids=pos[None].expand(3, -1, -1))
   ours = model(batch["input_ids"], batch["attention_mask"]).logits
-  assert _valid_max_diff(ours, expected, batch["attention_mask"]) <= TOL
+  assert _valid_max_diff(ours, expected, batch["attention_mask"]) <= 2e-6  # measured 1.8e-7
 
 
 @pytest.mark.parametrize("budget", [(512, None), (1024, 512)], ids=["two_bins", "one_bin"])
@@ -92,7 +94,9 @@ def test_patch_budget_padding_does_not_change_logits(models, budget):
   args = (batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["image_grid_thw"])
   exact = np.asarray(model(*args).logits)
   padded = np.asarray(model(*args, patch_budget=budget[0], frame_budget=budget[1]).logits)
-  np.testing.assert_allclose(padded, exact, atol=1e-5, rtol=0)
+  # Measured 0 (bit-identical here); the bound allows a few ulps where another CPU sums the padded shapes
+  # in another order.
+  np.testing.assert_allclose(padded, exact, atol=1e-6, rtol=0)
 
 
 def test_vision_tower_matches_get_image_features(models):
@@ -105,7 +109,7 @@ def test_vision_tower_matches_get_image_features(models):
   expected = torch.cat(list(getattr(expected, "pooler_output", expected))).numpy()
   vision = prepare_vision(batch["pixel_values"], batch["image_grid_thw"], model.config.vision)
   ours = np.asarray(model.visual(vision))[: expected.shape[0]]
-  np.testing.assert_allclose(ours, expected, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(ours, expected, atol=1e-6, rtol=0)  # measured 1.2e-7
 
 
 def test_every_decoder_layer_matches_hidden_states(models):
@@ -120,9 +124,9 @@ def test_every_decoder_layer_matches_hidden_states(models):
   n = out.hidden_states.shape[0]
   for layer in range(n - 1):  # HF's last entry is after the final norm
     diff = np.abs(np.asarray(out.hidden_states[layer]) - hf_hidden[layer + 1].numpy())[valid].max()
-    assert diff <= TOL, f"layer {layer}: {diff}"
+    assert diff <= 1e-6, f"layer {layer}: {diff}"  # measured 8.9e-8 (hidden states of ~0.3)
   last = np.abs(np.asarray(out.last_hidden_state) - hf_hidden[-1].numpy())[valid].max()
-  assert last <= TOL
+  assert last <= 1e-5  # measured 9.5e-7 (after the final norm, values up to 3.6)
 
 
 def test_bfloat16_error_is_bounded(tmp_path):
