@@ -329,7 +329,9 @@ def test_unrolled_and_scanned_decode_steps_agree(models, image_batch, greedy):
   scanned = _decode(model, image_batch, "scan", greedy=greedy)
   unrolled = _decode(model, image_batch, "unrolled", greedy=greedy)
   np.testing.assert_array_equal(scanned.tokens, unrolled.tokens)
-  np.testing.assert_allclose(scanned.logprobs, unrolled.logprobs, rtol=0, atol=1e-6)
+  # Measured 9.5e-7 (sampled) on the AMD EPYC dev VM: the two loops order the same sums differently. 5e-6 leaves
+  # the ~5x headroom another CPU's kernels need; a real divergence (a wrong cache slot) is O(1).
+  np.testing.assert_allclose(scanned.logprobs, unrolled.logprobs, rtol=0, atol=5e-6)
   assert len(np.unique(np.asarray(unrolled.tokens))) > 3
 
 

@@ -164,6 +164,8 @@ def _loss_and_grads(model, inputs):
   return jax.jit(jax.value_and_grad(loss))(state)
 
 
+@pytest.mark.slow  # tests/train/test_step_parity.py::test_every_remat_policy_gives_the_gradients_of_no_remat covers
+# every policy (full, dots, dots_no_batch) through the train step, to 1e-6
 def test_remat_policies_give_the_same_loss_and_gradients():
   config = cfglib.tiny()
   batch = make_batch([[(1, 10, 12)], [(1, 4, 6)]])
