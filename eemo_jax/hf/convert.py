@@ -164,8 +164,9 @@ def export_run(run_dir: str, out_dir: str, *, step: int | None = None, dtype=Non
   from eemo_jax.train.saved_run import SavedRun
   run = SavedRun.open(run_dir)
   step = run.step(step)
-  target, inside = resolve_target(out_dir), os.path.realpath(run.run_dir)
-  if os.path.commonpath([target, inside]) == target or target.startswith(os.path.join(inside, "checkpoints") + os.sep):
+  target, run_path = resolve_target(out_dir), os.path.realpath(run.run_dir)
+  checkpoints = os.path.join(run_path, "checkpoints")
+  if os.path.commonpath([target, run_path]) == target or os.path.commonpath([target, checkpoints]) == checkpoints:
     raise ExportError(f"{out_dir} would replace the run {run_dir} or part of its checkpoints; choose another OUT_DIR")
   check_target(out_dir, overwrite=overwrite)
   mesh = make_mesh({"fsdp": -1})

@@ -4,8 +4,10 @@
     summary = train(config)
 
 Every host runs the same program (see launch/). The run directory holds `config.json`, `metrics.jsonl`,
-`tensorboard/`, `checkpoints/` and, at the end, the export. A run directory that already has a
-checkpoint resumes from it: the state is restored into the current mesh's shardings (the mesh may
+`tensorboard/`, `checkpoints/`, `model_config.json` and `hf_assets/` (the architecture and tokenizer files, so
+that the directory alone can start a later run, `model.init_from`, or be exported, `export-hf RUN_DIR`) and, at
+the end, the export. A new run starts from what `model.init_from` names (`init_from`). A run directory that
+already has a checkpoint resumes from it: the state is restored into the current mesh's shardings (the mesh may
 differ from the one that saved it) and the data iterator continues where it stopped.
 """
 
