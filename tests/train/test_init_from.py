@@ -1,9 +1,10 @@
 """`model.init_from`: stage 1 -> stage 2 through `eemo-jax train`, the other kinds of source, and the mistakes.
 
 The chained runs are tests/chain_fixtures.py's (stage 1: tiny recipe with the pooled head and LoRA; stage 2:
-`init_from=<stage 1's run directory>`, a pooled head of other widths, the classification loss alone, new LoRA on
-frozen base weights). What stage 2 starts from is checked against stage 1's HF export, read by `load_hf`: the path every
-export is checked by against transformers, independent of the checkpoint reading that `init_from` does.
+`init_from=<stage 1's run directory>`, a pooled head of other widths, the classification loss alone, new LoRA
+on frozen base weights). What stage 2 starts from is checked against stage 1's HF export read by `load_hf`:
+the path every export is checked by against transformers, independent of the checkpoint reading that
+`init_from` does.
 """
 
 from __future__ import annotations
@@ -15,14 +16,14 @@ import shutil
 
 import jax
 import numpy as np
-from flax import nnx
 import pytest
 from chain_fixtures import (STAGE1_STEPS, TINY, backbone_weights, chain_runs, overrides, restore_step,
                             run_config)
+from flax import nnx
 
 from eemo_jax import cli
 from eemo_jax.config import load_config
-from eemo_jax.hf.load import load_hf
+from eemo_jax.hf.load import load_hf, read_config_file
 from eemo_jax.parallel.sharding import make_mesh
 from eemo_jax.train import init_from, run
 
@@ -98,14 +99,9 @@ def test_an_import_hf_checkpoint_is_a_source(chain, stage1_weights, tmp_path):
   assert cli.main(["import-hf", chain.stage1_export, ckpt]) == 0
   source, model, lines = _start(chain, tmp_path, ckpt, data__tokenizer_dir="")
   assert (source.kind, source.tokenizer_dir) == ("checkpoint", os.path.join(ckpt, "hf_assets"))
-  assert source.arch == run_config_arch(chain)
+  assert source.arch == read_config_file(os.path.join(chain.stage1, "model_config.json"))
   assert lines == [f"starting from the checkpoint {ckpt}"]
   assert_same_weights(backbone_weights(model.backbone), stage1_weights)
-
-
-def run_config_arch(chain):
-  from eemo_jax.hf.load import read_config_file
-  return read_config_file(os.path.join(chain.stage1, "model_config.json"))
 
 
 @pytest.mark.parametrize("named", ["run", "step", "export"])
