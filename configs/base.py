@@ -1,7 +1,7 @@
 """Defaults shared by every recipe in configs/; each recipe file changes what its paper says.
 
 Not a recipe itself. Sections map onto the library's config types:
-  model      which backbone (a preset, or a local HF folder) and how it computes
+  model      which backbone (a preset, or the saved model it starts from) and how it computes
   head       the EmoVerse emotion head (eemo_jax.model.heads.HeadConfig); kind "none" for plain SFT
   lora       LoRA adapters (eemo_jax.model.lora.LoraConfig); rank 0 = no LoRA
   trainable  what trains: freeze patterns, or only the last k text layers (+ the head), or only adapters
@@ -26,7 +26,10 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.model = dict(
       preset="tiny",  # eemo_jax.model.config presets: tiny, small, qwen25vl_3b, qwen25vl_7b (random init)
-      hf_dir="",  # a local Qwen2.5-VL folder: its weights, config and tokenizer (overrides preset)
+      # the weights to start from, with their architecture and tokenizer (overrides preset): an HF folder, an
+      # import-hf checkpoint, a run directory (its newest checkpoint) or RUN_DIR/checkpoints/N (train/init_from.py)
+      init_from="",
+      hf_dir="",  # an HF folder, as init_from takes one; kept for the configs and commands that name it (set one)
       dtype="bfloat16",  # compute dtype; parameters stay float32 master weights
       param_dtype="float32",
       remat="dots_no_batch",  # none | full | dots | dots_no_batch (keeps weight matmuls, not attention scores)

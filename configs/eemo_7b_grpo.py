@@ -1,17 +1,21 @@
 """EEmo-Logic stage 2: GRPO of the stage-1 model on EEmoDB-Assess, LoRA, the authors' released loss.
 
     eemo-jax grpo --config configs/eemo_7b_grpo.py \
-        --config.model.hf_dir=/path/to/eemo_7b_sft_lora/export \
+        --config.model.init_from=gs://bucket/runs/eemo_lora \
         --config.data.data_dir=/path/to/tfds --config.train.run_dir=gs://bucket/runs/eemo_grpo
+
+`model.init_from` defaults to stage 1's default run directory (configs/eemo_7b_sft_lora.py,
+runs/eemo_7b_sft_lora): its newest checkpoint with the LoRA adapters merged into the weights, and the
+architecture and tokenizer stage 1 recorded. Set it to wherever stage 1 ran (or to its HF export).
 
 From the authors' `train/Stage_2/finetune_grpo.sh` and trainer (workerred/EEmo-Logic at b353f32; papers.md §3.5;
 L<n> alone is a line of finetune_grpo.sh). The script's entry point is sanitised (`main` is a placeholder,
 src/open_r1/grpo_emotion.py L387-389) and its GRPOConfig comes from a package `tl_grpo` that is not released
 (grpo_emotion.py L33), so what the script does not pass is inferred from the pinned trl 0.15.1 and transformers 4.50.0
 (train/Stage_2/requirements.txt L258, L256):
-- start from stage 1's merged export (`eemo_7b_sft_lora`'s train.export_dir) as model.hf_dir; new LoRA
-  adapters of rank 64 / alpha 64 on every linear layer as in stage 1, base weights frozen, so the reference
-  policy is the same weights with the adapters switched off (no second copy);
+- start from stage 1 with its adapters merged (`model.init_from`, what `eemo_7b_sft_lora`'s merged export
+  holds); new LoRA adapters of rank 64 / alpha 64 on every linear layer as in stage 1, base weights frozen, so
+  the reference policy is the same weights with the adapters switched off (no second copy);
 - G = 8 (`--num_generations 8`, L57), completions up to 1024 tokens (`--max_completion_length 1024`, L56),
   temperature 1.0: the HF-generate trainer's hard-coded `temperature=1  # HACK`
   (src/open_r1/trainer/grpo_trainer_video_qa.py L334); the vLLM trainer that `--use_vllm true` (L71) suggests
@@ -47,7 +51,8 @@ import base  # noqa: E402
 
 def get_config(arg=None):
   c = base.get_config()
-  c.model.preset = "qwen25vl_7b"
+  c.model.preset = "qwen25vl_7b"  # the architecture AOT compiles for; a run takes stage 1's
+  c.model.init_from = "runs/eemo_7b_sft_lora"  # stage 1's train.run_dir
   c.lora.rank = 64
   c.lora.alpha = 64.0
   c.lora.dropout = 0.05

@@ -1,8 +1,13 @@
 """EEmo-Logic stage 1: LoRA instruction tuning of Qwen2.5-VL-7B on EEmoDB-QA, adapters on both towers.
 
     eemo-jax train --config configs/eemo_7b_sft_lora.py \
-        --config.model.hf_dir=/path/to/Qwen2.5-VL-7B-Instruct \
+        --config.model.init_from=/path/to/Qwen2.5-VL-7B-Instruct \
         --config.data.data_dir=/path/to/tfds --config.train.run_dir=gs://bucket/runs/eemo_lora
+
+Stage 2 (configs/eemo_7b_grpo.py) starts from this run's directory (`model.init_from`, default
+runs/eemo_7b_sft_lora: its newest checkpoint, the adapters merged); the run also exports the merged model as
+an HF folder to `<train.run_dir>/export` (train.export_dir follows train.run_dir unless set), as the authors'
+scripts/merge_lora.sh does.
 
 The authors' `train/Stage_1/scripts/finetune_lora_vision.sh` (workerred/EEmo-Logic at b353f32; papers.md §3.4),
 trained by the HF Trainer (`QwenTrainer`, train/Stage_1/src/train/train_sft.py L212; transformers 4.51.3,
@@ -49,5 +54,6 @@ def get_config(arg=None):
   c.train.global_batch_size = 128
   c.train.epochs = 1.0
   c.train.run_dir = "runs/eemo_7b_sft_lora"
+  c.train.export_dir = c.train.get_ref("run_dir") + "/export"  # follows --config.train.run_dir
   c.aot.topology = "v5p:2x2x2"
   return c

@@ -1,8 +1,12 @@
 """EmoVerse stage 2: the CES/DES head on the stage-1 model; backbone frozen except the last 2 LLM layers.
 
     eemo-jax train --config configs/emoverse_3b_head.py \
-        --config.model.hf_dir=/path/to/stage1_export \
+        --config.model.init_from=gs://bucket/runs/emoverse_sft \
         --config.data.data_dir=/path/to/tfds --config.train.run_dir=gs://bucket/runs/emoverse_head
+
+`model.init_from` defaults to stage 1's default run directory (configs/emoverse_3b_sft.py, runs/emoverse_3b_sft):
+its newest checkpoint, with the architecture and tokenizer stage 1 recorded; the pooled head starts fresh, as
+stage 1 trains none. Set it to wherever stage 1 ran (or to RUN_DIR/checkpoints/N, or stage 1's HF export).
 
 The authors' `training/scripts/classify.sh` (alkaline-acid/EmoVerse at 4dd30d3; papers.md §2.2-2.3, head
 variant 1), which runs its own loop in `training/qwenvl/train/train_qwen_classify.py` (not the HF Trainer).
@@ -37,7 +41,8 @@ import base  # noqa: E402
 
 def get_config(arg=None):
   c = base.get_config()
-  c.model.preset = "qwen25vl_3b"
+  c.model.preset = "qwen25vl_3b"  # the architecture AOT compiles for; a run takes stage 1's
+  c.model.init_from = "runs/emoverse_3b_sft"  # stage 1's train.run_dir
   c.head.kind = "pooled"
   c.trainable.last_text_layers = 2
   c.data.dataset = "emoverse"

@@ -1,8 +1,13 @@
 """EmoVerse stage 1: full SFT of Qwen2.5-VL-3B on the B-A-S attribution answers, vision tower frozen.
 
     eemo-jax train --config configs/emoverse_3b_sft.py \
-        --config.model.hf_dir=/path/to/Qwen2.5-VL-3B-Instruct \
+        --config.model.init_from=/path/to/Qwen2.5-VL-3B-Instruct \
         --config.data.data_dir=/path/to/tfds --config.train.run_dir=gs://bucket/runs/emoverse_sft
+
+Stage 2 (configs/emoverse_3b_head.py) starts from this run's directory (`model.init_from`, default
+runs/emoverse_3b_sft: its newest checkpoint); the run also exports its final model as an HF folder to
+`<train.run_dir>/export` (train.export_dir follows train.run_dir unless set), the stage-1 model the authors
+release and evaluate.
 
 The authors' run is `training/scripts/sft_7b_lora.sh` (alkaline-acid/EmoVerse at 4dd30d3; papers.md §2.3):
 its data set `emo_200704` is the released export's (MODEL_RELEASE.md), and despite the name it is full SFT
@@ -48,5 +53,6 @@ def get_config(arg=None):
   c.train.global_batch_size = 32
   c.train.epochs = 1.0
   c.train.run_dir = "runs/emoverse_3b_sft"
+  c.train.export_dir = c.train.get_ref("run_dir") + "/export"  # follows --config.train.run_dir
   c.aot.topology = "v5e:4x4"
   return c

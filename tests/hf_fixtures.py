@@ -54,18 +54,21 @@ def save_hf_model(folder: str, config=None, seed: int = 0, **save_kwargs):
   return folder, ref
 
 
-def image_row(grids, text_before=(5, 6), text_between=(7,), text_after=(8, 9, 10), merge=2):
+def image_row(grids, text_before=(5, 6), text_between=(7,), text_after=(8, 9, 10), merge=2,
+              vision_ids=(IMAGE, VSTART, VEND)):
   """Token ids of one sequence: text, then each image as VSTART, pads, VEND, separated by text."""
+  image, vstart, vend = vision_ids
   row = list(text_before)
   for n, (t, h, w) in enumerate(grids):
     if n:
       row += list(text_between)
-    row += [VSTART] + [IMAGE] * (t * h * w // merge**2) + [VEND]
+    row += [vstart] + [image] * (t * h * w // merge**2) + [vend]
   return row + list(text_after)
 
 
-def make_batch(rows_grids, *, pad: str = "left", seed: int = 0, extra_text=None):
-  """A padded batch: rows_grids[i] lists the (t, h, w) grids of row i (may be empty).
+def make_batch(rows_grids, *, pad: str = "left", seed: int = 0, extra_text=None, vision_ids=(IMAGE, VSTART, VEND)):
+  """A padded batch: rows_grids[i] lists the (t, h, w) grids of row i (may be empty); `vision_ids` are the
+  model's (image pad, vision start, vision end) token ids (the tiny HF config's by default).
 
   Returns dict(input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids) as numpy,
   with pixel_values None when no row has an image.
@@ -74,7 +77,8 @@ def make_batch(rows_grids, *, pad: str = "left", seed: int = 0, extra_text=None)
   rows = []
   for i, grids in enumerate(rows_grids):
     text = list(rs.randint(0, 100, size=3 + 2 * i)) if extra_text is None else extra_text[i]
-    rows.append(image_row(grids, text_after=text) if grids else [int(x) for x in rs.randint(0, 100, 6 + i)] + text)
+    rows.append(image_row(grids, text_after=text, vision_ids=vision_ids) if grids
+                else [int(x) for x in rs.randint(0, 100, 6 + i)] + text)
   length = max(len(r) for r in rows)
   ids = np.zeros((len(rows), length), np.int64)
   mask = np.zeros_like(ids)
@@ -84,7 +88,7 @@ def make_batch(rows_grids, *, pad: str = "left", seed: int = 0, extra_text=None)
     mask[i, sl] = 1
   grids = [g for gs in rows_grids for g in gs]
   out = dict(input_ids=ids, attention_mask=mask, pixel_values=None, image_grid_thw=None,
-             mm_token_type_ids=(ids == IMAGE).astype(np.int64) * mask)
+             mm_token_type_ids=(ids == vision_ids[0]).astype(np.int64) * mask)
   if grids:
     patches = sum(t * h * w for t, h, w in grids)
     out["pixel_values"] = rs.randn(patches, 3 * 2 * 14 * 14).astype(np.float32)

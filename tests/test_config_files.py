@@ -304,3 +304,23 @@ def test_eemo_7b_sft_lora_trains_only_the_adapters():
   assert _count(trainable_shapes) == lora_params(arch, config.lora.rank)
   assert not any("embed" in p or p.startswith("backbone/lm_head") for p in trainable_shapes)
   assert _trained_elements(state, trainable) == _count(trainable_shapes)
+
+
+# --------------------------------------------------------------------------------------------------
+# The stages chain with the shipped defaults
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage1, stage2", [("emoverse_3b_sft.py", "emoverse_3b_head.py"),
+                                            ("eemo_7b_sft_lora.py", "eemo_7b_grpo.py")])
+def test_stage2_starts_where_stage1_runs_and_stage1_exports(stage1, stage2):
+  """Stage 2's `model.init_from` is stage 1's default run directory, and stage 1 exports its model under its
+  run directory, wherever `--config.train.run_dir` puts it (unless `train.export_dir` is set)."""
+  first, second = load_config(os.path.join(CONFIGS, stage1)), load_config(os.path.join(CONFIGS, stage2))
+  assert second.model.init_from == first.train.run_dir and not second.model.hf_dir
+  assert first.train.export_dir == f"{first.train.run_dir}/export"
+  moved = load_config(os.path.join(CONFIGS, stage1), ["--config.train.run_dir=gs://bucket/runs/x"])
+  assert moved.train.export_dir == "gs://bucket/runs/x/export"
+  chosen = load_config(os.path.join(CONFIGS, stage1),
+                       ["--config.train.run_dir=gs://b/x", "--config.train.export_dir=/e"])
+  assert (chosen.train.run_dir, chosen.train.export_dir) == ("gs://b/x", "/e")

@@ -1,8 +1,11 @@
-"""`eemo-jax import-hf HF_DIR CKPT_DIR` and `eemo-jax export-hf CKPT_DIR OUT_DIR`.
+"""`eemo-jax import-hf HF_DIR CKPT_DIR`, `eemo-jax export-hf CKPT_DIR OUT_DIR`, `export-hf RUN_DIR [--step N] OUT_DIR`.
 
 Import reads an HF folder (safetensors only) into an Orbax checkpoint and keeps the tokenizer /
 processor files in `CKPT_DIR/hf_assets`, so a later export writes a complete HF folder again.
 `import-hf --adapter PEFT_DIR` merges a PEFT LoRA adapter (e.g. the EmoVerse release) into the weights.
+Export also takes a training run's directory: any saved step (the newest by default) is written as the run's
+own end-of-run export is (`train.run.export`: LoRA merged, the head's safetensors beside, the tokenizer files
+the run recorded), or with `--adapter` its LoRA adapters as a PEFT adapter folder.
 A user error (bad path, mismatched checkpoint, malformed or unsupported config or index, a target
 that already holds files) prints one line naming the file or key and exits 2, having written
 nothing. `export-hf --overwrite` replaces an existing export whole, once the new one is complete.
@@ -34,14 +37,21 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
                         help="a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) made on "
                              "HF_DIR, e.g. the EmoVerse release; it is merged into the imported weights")
   else:
-    parser.add_argument("ckpt_dir", metavar="CKPT_DIR",
-                        help="checkpoint written by `eemo-jax import-hf` (eemo_jax.hf.checkpoint.save_checkpoint)")
+    parser.add_argument("ckpt_dir", metavar="CKPT_DIR|RUN_DIR",
+                        help="checkpoint written by `eemo-jax import-hf`, or the run directory of `eemo-jax train` "
+                             "or `eemo-jax grpo`")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="folder for the HF model (loads with from_pretrained)")
     parser.add_argument("--max-shard-size", default="5GB", type=parse_size,
                         help="largest safetensors shard, e.g. 5GB, 500MB, 2GiB (default 5GB)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing export in OUT_DIR (whole, once the new one is complete); "
                              "without it a non-empty OUT_DIR is refused")
+    parser.add_argument("--step", type=int, default=None, metavar="N",
+                        help="RUN_DIR only: the saved step to export (default: the newest)")
+    parser.add_argument("--adapter", action="store_true",
+                        help="RUN_DIR only: write the run's LoRA adapters as a PEFT adapter folder "
+                             "(adapter_config.json + adapter_model.safetensors, for PeftModel.from_pretrained on the "
+                             "model the run started from) instead of merging them into the weights")
 
 
 def parse_size(text: str) -> int:
@@ -59,7 +69,14 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "import-hf":
       with status.printed():  # the weights read, one line per file
         import_hf(args.hf_dir, args.ckpt_dir, dtype=args.dtype or "float32", adapter=args.adapter)
+    elif _is_run_dir(args.ckpt_dir):
+      with status.printed():
+        export_run(args.ckpt_dir, args.out_dir, step=args.step, dtype=args.dtype, adapter=args.adapter,
+                   max_shard_bytes=args.max_shard_size, overwrite=args.overwrite)
     else:
+      if args.step is not None or args.adapter:
+        raise ValueError(f"--step and --adapter take a run directory (config.json + checkpoints/); {args.ckpt_dir} "
+                         "is not one")
       export_hf(args.ckpt_dir, args.out_dir, dtype=args.dtype, max_shard_bytes=args.max_shard_size,
                 overwrite=args.overwrite)
   except (CheckpointError, ValueError, OSError) as e:
@@ -80,7 +97,6 @@ def import_hf(hf_dir: str, ckpt_dir: str, *, dtype="float32", adapter: str | Non
 
   from eemo_jax.hf.checkpoint import check_new_checkpoint_dir, save_checkpoint
   from eemo_jax.hf.load import load_hf
-  from eemo_jax.hf.save import copy_assets
   check_new_checkpoint_dir(ckpt_dir)
   if adapter is not None:
     from eemo_jax.hf.peft_io import read_adapter_config
@@ -95,17 +111,23 @@ def import_hf(hf_dir: str, ckpt_dir: str, *, dtype="float32", adapter: str | Non
   try:
     save_checkpoint(model, ckpt_dir)
     if jax.process_index() == 0:
-      assets = os.path.join(ckpt_dir, ASSETS)
-      os.makedirs(assets, exist_ok=True)
-      copy_assets(hf_dir, assets)
-      generation = os.path.join(hf_dir, "generation_config.json")
-      if os.path.isfile(generation):  # sampling defaults; export copies it back
-        shutil.copyfile(generation, os.path.join(assets, "generation_config.json"))
+      keep_assets(hf_dir, os.path.join(ckpt_dir, ASSETS))
   except BaseException:
     if created and jax.process_index() == 0:
       shutil.rmtree(ckpt_dir, ignore_errors=True)
     raise
   print(f"imported {hf_dir}{f' + adapter {adapter}' if adapter else ''} -> {ckpt_dir}")
+
+
+def keep_assets(source_dir: str, assets: str) -> None:
+  """Copies the tokenizer / processor files and `generation_config.json` (sampling defaults, which an export
+  copies back) of `source_dir` into the folder `assets`."""
+  from eemo_jax.hf.save import copy_assets
+  os.makedirs(assets, exist_ok=True)
+  copy_assets(source_dir, assets)
+  generation = os.path.join(source_dir, "generation_config.json")
+  if os.path.isfile(generation):
+    shutil.copyfile(generation, os.path.join(assets, "generation_config.json"))
 
 
 def export_hf(ckpt_dir: str, out_dir: str, *, dtype=None, max_shard_bytes: int = 5 * 10**9,
@@ -128,6 +150,42 @@ def export_hf(ckpt_dir: str, out_dir: str, *, dtype=None, max_shard_bytes: int =
     names = write_hf(model, folder, source_dir=assets if os.path.isdir(assets) else None, dtype=dtype,
                      max_shard_bytes=max_shard_bytes)
   print(f"exported {ckpt_dir} -> {out_dir} ({len(names)} safetensors file{'s' * (len(names) != 1)})")
+
+
+def export_run(run_dir: str, out_dir: str, *, step: int | None = None, dtype=None, adapter: bool = False,
+               max_shard_bytes: int = 5 * 10**9, overwrite: bool = False) -> None:
+  """A run's saved step -> HF folder (or PEFT adapter folder) + the head, through the run's own `export`.
+
+  The step is restored without its optimizer state, its parameters sharded over every local device, and
+  the run's record, the step and the target are checked before anything is written.
+  """
+  import jax
+
+  from eemo_jax.hf.staging import ExportError, check_target, resolve_target
+  from eemo_jax.parallel.sharding import make_mesh
+  from eemo_jax.train.run import export
+  from eemo_jax.train.saved_run import SavedRun
+  run = SavedRun.open(run_dir)
+  step = run.step(step)
+  target, run_path = resolve_target(out_dir), os.path.realpath(run.run_dir)
+  checkpoints = os.path.join(run_path, "checkpoints")
+  if os.path.commonpath([target, run_path]) == target or os.path.commonpath([target, checkpoints]) == checkpoints:
+    raise ExportError(f"{out_dir} would replace the run {run_dir} or part of its checkpoints; choose another OUT_DIR")
+  check_target(out_dir, overwrite=overwrite)
+  mesh = make_mesh({"fsdp": -1})
+  rules = tuple(tuple(r) for r in run.config.rules)
+  loaded = run.load(step, mesh=mesh, rules=rules)
+  base = run.adapter_base(loaded) if adapter else None
+  with jax.set_mesh(mesh):
+    export(run.config, loaded.graphdef, loaded, run.tokenizer_dir, out_dir, dtype=dtype,
+           max_shard_bytes=max_shard_bytes, adapter_base=base)
+  kind = "PEFT adapter" if adapter else "HF model"
+  print(f"exported {run.run_dir} step {step} -> {out_dir} ({kind})")
+
+
+def _is_run_dir(path: str) -> bool:
+  from eemo_jax.train.saved_run import is_run_dir
+  return is_run_dir(path)
 
 
 def _load_for_export(ckpt_dir: str, dtype=None):

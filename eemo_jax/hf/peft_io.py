@@ -365,6 +365,16 @@ def save_peft_adapter(model, folder: str, *, base_model_name_or_path: str | None
   The folder is put in place whole (`eemo_jax.hf.save.export_folder`). Every process must call this;
   only process 0 writes.
   """
+  with export_folder(folder, overwrite=overwrite) as out:
+    return write_peft_adapter(model, out, base_model_name_or_path=base_model_name_or_path,
+                              modules_to_save=modules_to_save, task_type=task_type, dtype=dtype)
+
+
+def write_peft_adapter(model, out: str, *, base_model_name_or_path: str | None = None,
+                       modules_to_save: Sequence[str] = (), task_type: str | None = "CAUSAL_LM",
+                       dtype=None) -> list[str]:
+  """The files of `save_peft_adapter`, written into `out`, the (empty) folder an `export_folder` block yields, so
+  an export can put other files beside them (an emotion head). Arguments as there."""
   config: Qwen25VLConfig = model.config
   adapted = _adapted_sites(model)
   rank, alpha, dropout = _uniform_options(adapted)
@@ -396,14 +406,13 @@ def save_peft_adapter(model, folder: str, *, base_model_name_or_path: str | None
       "init_lora_weights": True, "inference_mode": True, "layers_to_transform": None, "layers_pattern": None,
       "rank_pattern": {}, "alpha_pattern": {},
   }
-  with export_folder(folder, overwrite=overwrite) as out:
-    if jax.process_index() == 0:
-      specs = [TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in tensors]
-      (written,) = write_sharded(out, specs, tensors, max_shard_bytes=2**62, metadata={"format": "pt"})
-      os.replace(os.path.join(out, written), os.path.join(out, ADAPTER_WEIGHTS))  # PEFT reads one file of this name
-      with open(os.path.join(out, ADAPTER_CONFIG), "w") as f:
-        json.dump(adapter_config, f, indent=2, sort_keys=True)
-        f.write("\n")
+  if jax.process_index() == 0:
+    specs = [TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in tensors]
+    (written,) = write_sharded(out, specs, tensors, max_shard_bytes=2**62, metadata={"format": "pt"})
+    os.replace(os.path.join(out, written), os.path.join(out, ADAPTER_WEIGHTS))  # PEFT reads one file of this name
+    with open(os.path.join(out, ADAPTER_CONFIG), "w") as f:
+      json.dump(adapter_config, f, indent=2, sort_keys=True)
+      f.write("\n")
   return names
 
 

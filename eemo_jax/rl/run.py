@@ -48,7 +48,7 @@ from eemo_jax.rl.logprobs import GroupBatch
 from eemo_jax.rl.losses import mask_truncated_completions
 from eemo_jax.rl.step import (GRPOLossConfig, UpdateBatch, jit_grpo_step, make_grpo_step, make_reference_logprobs,
                               policy_of)
-from eemo_jax.train import run_record
+from eemo_jax.train import init_from, run_record, saved_run
 from eemo_jax.train.checkpointing import RunCheckpoints, quiet_orbax_tracebacks
 from eemo_jax.train.metrics import MetricsWriter, ProgressLine
 from eemo_jax.train.optimizer import learning_rate_schedule, make_optimizer
@@ -249,10 +249,12 @@ def grpo(config, *, tokenizer=None, train_source=None, eval_source=None, progres
     raise ConfigError(f"head.kind is {config.head.kind!r}: GRPO trains the language model's answers; set "
                       "head.kind=none")
 
-  tokenizer_dir = paths.absolute(config.data.tokenizer_dir or config.model.hf_dir)
+  source = init_from.resolve(config)  # model.init_from, checked; None without one
+  tokenizer_dir = paths.absolute(config.data.tokenizer_dir or (source.tokenizer_dir if source else
+                                                               config.model.hf_dir))
   if tokenizer is None:
     tokenizer = load_run_tokenizer(tokenizer_dir)
-  arch = model_config(config, tokenizer)
+  arch = source.arch if source else model_config(config, tokenizer)
   mesh = make_mesh(dict(config.mesh.items()))
   rules = tuple(tuple(r) for r in config.rules)
   trainable = trainable_set(config, has_head=False)
@@ -290,15 +292,15 @@ def grpo(config, *, tokenizer=None, train_source=None, eval_source=None, progres
   try:
     with jax.set_mesh(mesh):
       factory = lambda: build_model(config, arch, None)  # noqa: E731
-      restore_warnings = []
+      restore_warnings, init_lines = [], []
       initial = None  # the reference policy's weights (full fine-tuning with beta > 0)
       if resumed_from is not None:
         graphdef, abstract = abstract_train_state(factory, optimizer, mesh, rules, trainable=trainable, seed=t.seed)
         resumed_from, state, restore_warnings = checkpoints.restore_newest_intact(abstract, data)
         if reference == "initial":
-          initial = initial_weights(config, arch, factory, optimizer, mesh, rules, trainable)
+          initial = initial_weights(config, arch, factory, optimizer, mesh, rules, trainable, source)
       else:
-        graphdef, state = initial_state(config, arch, factory, optimizer, mesh, rules, trainable)
+        graphdef, state = initial_state(config, arch, factory, optimizer, mesh, rules, trainable, source, init_lines)
         if reference == "initial":
           initial = jax.tree.map(jnp.copy, (state.params, state.frozen))  # the step donates the state
       start = int(jax.device_get(state.step))
@@ -307,6 +309,7 @@ def grpo(config, *, tokenizer=None, train_source=None, eval_source=None, progres
         checkpoints = open_checkpoints()
       if is_main:
         run_record.write_config(config, run_dir, config_check, step=resumed_from)
+        saved_run.record_model(run_dir, arch, tokenizer_dir)
 
       engine = Engine(config, settings, loss_cfg, reference, graphdef, state, optimizer, trainable, schedule,
                        mesh, rules, tokenizer, arch)
@@ -314,6 +317,8 @@ def grpo(config, *, tokenizer=None, train_source=None, eval_source=None, progres
       samples = open(os.path.join(run_dir, SAMPLES_FILE), "a") if is_main and settings.sample_every else None
       progress = ProgressLine(total_steps, stream=progress_stream, every=t.log_every)
       announce_start(progress, run_dir, start, resumed_from, restore_warnings, config_check)
+      for line in init_lines:
+        progress.message(line)
 
       def evaluate(at: int) -> dict[str, float]:
         if not config.eval.batches:
@@ -389,7 +394,14 @@ def prompt_pipeline_config(config, arch, settings: GRPOSettings):
                              prompt_only=True)
 
 
-def initial_state(config, arch, factory, optimizer, mesh, rules, trainable):
+def initial_state(config, arch, factory, optimizer, mesh, rules, trainable, source=None, lines=None):
+  """(graphdef, train state) of a run's start; `lines`, a list, receives those that say where the weights came from
+  (`model.init_from`'s `source`)."""
+  if source is not None:
+    model, said = init_from.initial_model(source, config, arch, None, mesh=mesh, rules=rules)
+    if lines is not None:
+      lines.extend(said)
+    return create_train_state(model, optimizer, mesh, rules, trainable=trainable, seed=config.train.seed)
   if config.model.hf_dir:
     from eemo_jax.hf.load import load_hf
     backbone = load_hf(config.model.hf_dir, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
@@ -399,9 +411,9 @@ def initial_state(config, arch, factory, optimizer, mesh, rules, trainable):
   return create_train_state(factory, optimizer, mesh, rules, trainable=trainable, seed=config.train.seed)
 
 
-def initial_weights(config, arch, factory, optimizer, mesh, rules, trainable):
+def initial_weights(config, arch, factory, optimizer, mesh, rules, trainable, source=None):
   """The weights the run started from, rebuilt the way it built them: the frozen reference policy."""
-  _, state = initial_state(config, arch, factory, optimizer, mesh, rules, trainable)
+  _, state = initial_state(config, arch, factory, optimizer, mesh, rules, trainable, source)
   return state.params, state.frozen
 
 

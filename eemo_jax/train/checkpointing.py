@@ -202,6 +202,33 @@ class RunCheckpoints:
                           "are. If they belong to another model or config, use a new train.run_dir; to start this "
                           "run over, move that folder aside")
 
+  def stored_tree(self, step: int) -> dict:
+    """The stored structure of checkpoint `step`'s train state (`params`, `frozen`, `opt_state`, ...: nested dicts
+    whose leaves hold shape and dtype), read from its metadata alone."""
+    from etils import epath
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+      return handler.metadata(epath.Path(self._state_dir(step))).tree
+    finally:
+      handler.close()
+
+  def restore_weights(self, step: int, params: Any, frozen: Any) -> tuple[Any, Any]:
+    """The model of checkpoint `step` alone: its `params` and `frozen` parts, restored into the shapes, dtypes
+    (stored arrays are cast) and shardings of the abstract states given.
+
+    The optimizer state (twice the trainable parameters) and the data position are not read: a new run that
+    starts from this one, or an export, needs only the weights.
+    """
+    target = {"params": _abstract_key_data(params), "frozen": _abstract_key_data(frozen)}
+    args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                  partial_restore=True)
+    with ocp.PyTreeCheckpointer() as checkpointer:
+      restored = checkpointer.restore(self._state_dir(step), args=args)
+    return _data_to_keys(restored["params"], params), _data_to_keys(restored["frozen"], frozen)
+
+  def _state_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(int(step)), "state")
+
   def _move_aside(self, step: int, error: BaseException, *, restored_step: int) -> str:
     aside = os.path.join(self.run_dir, "damaged_checkpoints", f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
     if jax.process_index() == 0:

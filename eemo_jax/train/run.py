@@ -4,8 +4,10 @@
     summary = train(config)
 
 Every host runs the same program (see launch/). The run directory holds `config.json`, `metrics.jsonl`,
-`tensorboard/`, `checkpoints/` and, at the end, the export. A run directory that already has a
-checkpoint resumes from it: the state is restored into the current mesh's shardings (the mesh may
+`tensorboard/`, `checkpoints/`, `model_config.json` and `hf_assets/` (the architecture and tokenizer files, so
+that the directory alone can start a later run, `model.init_from`, or be exported, `export-hf RUN_DIR`) and, at
+the end, the export. A new run starts from what `model.init_from` names (`init_from`). A run directory that
+already has a checkpoint resumes from it: the state is restored into the current mesh's shardings (the mesh may
 differ from the one that saved it) and the data iterator continues where it stopped.
 """
 
@@ -87,7 +89,7 @@ def head_config(config, arch: Qwen25VLConfig, tokenizer) -> HeadConfig | None:
     emo_id = tokenizer.encode(DES_MARKER)[-1]
     extra = dict(des_dim=h.des_dim) if h.des_dim else {}
     return HeadConfig.token(hidden, emo_id, **extra)
-  raise ValueError(f"head.kind {h.kind!r} is unknown; use none, pooled or token")
+  raise ConfigError(f"head.kind {h.kind!r} is unknown; use none, pooled or token")
 
 
 class EmotionSFTModel(nnx.Module):
@@ -259,6 +261,7 @@ def train(config, *, tokenizer=None, train_source=None, eval_source=None, progre
   run directory, and a resume is checked against the config the run was started with (`run_record`).
   """
   from data_pipeline.pipeline import abstract_batch, make_iterator, skip_counts, to_train_batch
+  from eemo_jax.train import init_from, saved_run
 
   started = time.time()
   use_host_memory_for_cpu_steps()  # before the backend starts: the CPU step's buffers stay mapped
@@ -266,10 +269,12 @@ def train(config, *, tokenizer=None, train_source=None, eval_source=None, progre
   run_dir = paths.absolute(t.run_dir)
   is_main = jax.process_index() == 0
 
-  tokenizer_dir = paths.absolute(config.data.tokenizer_dir or config.model.hf_dir)
+  source = init_from.resolve(config)  # model.init_from, checked; None without one
+  tokenizer_dir = paths.absolute(config.data.tokenizer_dir or (source.tokenizer_dir if source else
+                                                               config.model.hf_dir))
   if tokenizer is None:
     tokenizer = load_run_tokenizer(tokenizer_dir)
-  arch = model_config(config, tokenizer)
+  arch = source.arch if source else model_config(config, tokenizer)
   head_cfg = head_config(config, arch, tokenizer)
   mesh = make_mesh(dict(config.mesh.items()))
   rules = tuple(tuple(r) for r in config.rules)
@@ -300,10 +305,13 @@ def train(config, *, tokenizer=None, train_source=None, eval_source=None, progre
   try:
     with jax.set_mesh(mesh):
       factory = lambda: build_model(config, arch, head_cfg)  # noqa: E731
-      restore_warnings = []
+      restore_warnings, init_lines = [], []
       if resumed_from is not None:
         graphdef, abstract = abstract_train_state(factory, optimizer, mesh, rules, trainable=trainable, seed=t.seed)
         resumed_from, state, restore_warnings = checkpoints.restore_newest_intact(abstract, data)
+      elif source is not None:
+        model, init_lines = init_from.initial_model(source, config, arch, head_cfg, mesh=mesh, rules=rules)
+        graphdef, state = create_train_state(model, optimizer, mesh, rules, trainable=trainable, seed=t.seed)
       elif config.model.hf_dir:
         from eemo_jax.hf.load import load_hf
         backbone = load_hf(config.model.hf_dir, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
@@ -320,6 +328,7 @@ def train(config, *, tokenizer=None, train_source=None, eval_source=None, progre
         checkpoints = open_checkpoints()
       if is_main:  # the inputs are usable and the state is in hand: now the run directory records this config
         run_record.write_config(config, run_dir, config_check, step=resumed_from)
+        saved_run.record_model(run_dir, arch, tokenizer_dir)
 
       batch_spec = to_train_batch(abstract_batch(pcfg, tokenizer, mesh=mesh))
       step_fn = jit_train_step(make_train_step(graphdef, optimizer, trainable=trainable,
@@ -343,6 +352,8 @@ def train(config, *, tokenizer=None, train_source=None, eval_source=None, progre
       writer = MetricsWriter(run_dir, enabled=is_main)
       progress = ProgressLine(total_steps, stream=progress_stream, every=t.log_every)
       announce_start(progress, run_dir, start, resumed_from, restore_warnings, config_check)
+      for line in init_lines:
+        progress.message(line)
       last, eval_metrics = {}, {}
       window_start = time.time()
       tokens_per_step = math.prod(batch_spec.input_ids.shape)  # processed (padded) tokens of all microbatches
@@ -535,19 +546,30 @@ def check_export_target(export_dir: str, run_dir: str, *, overwrite: bool) -> No
     raise ConfigError(f"train.export_dir: {error}{hint}") from None
 
 
-def export(config, graphdef, state, tokenizer_dir: str, out_dir: str, *, run_dir: str | None = None) -> str:
+def export(config, graphdef, state, tokenizer_dir: str, out_dir: str, *, run_dir: str | None = None, dtype=None,
+           max_shard_bytes: int = 5 * 2**30, adapter_base: str | None = None) -> str:
   """The trained model as an HF folder (LoRA merged) plus the head's safetensors beside it, replacing
-  `out_dir` whole once complete (a kill leaves the old export or the new one)."""
+  `out_dir` whole once complete (a kill leaves the old export or the new one).
+
+  `dtype` casts the weights (None: as trained). With `adapter_base` (the model the adapters were trained on) the
+  LoRA adapters are written as a PEFT adapter folder instead (`hf.peft_io`), with the tokenizer files and head."""
   from eemo_jax.hf.heads_io import save_head
-  from eemo_jax.hf.save import check_exportable, export_folder, write_hf
+  from eemo_jax.hf.save import check_exportable, copy_assets, export_folder, write_hf
   from eemo_jax.model.lora import merge_lora
   model = nnx.merge(graphdef, state.params, state.frozen)
-  backbone = merge_lora(model.backbone)
-  check_exportable(backbone)
+  backbone = model.backbone if adapter_base else merge_lora(model.backbone)
+  if not adapter_base:
+    check_exportable(backbone)
   # The whole folder (HF files and the head) is put in place at once; replacing is safe here because
   # `check_export_target` refused, before training, a folder that was neither this run's nor allowed.
   with export_folder(out_dir, overwrite=True) as folder:
-    write_hf(backbone, folder, source_dir=tokenizer_dir or None)
+    if adapter_base:
+      from eemo_jax.hf.peft_io import write_peft_adapter
+      write_peft_adapter(backbone, folder, base_model_name_or_path=adapter_base, dtype=dtype)
+      if jax.process_index() == 0:
+        copy_assets(tokenizer_dir or None, folder)
+    else:
+      write_hf(backbone, folder, source_dir=tokenizer_dir or None, dtype=dtype, max_shard_bytes=max_shard_bytes)
     if model.head is not None:
       save_head(model.head, folder)
   if run_dir is not None and jax.process_index() == 0 and out_dir not in _exports_of(run_dir):

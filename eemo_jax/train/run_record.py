@@ -24,7 +24,7 @@ CHANGES_FILE = "config_changes.jsonl"
 # Keys a resume may change freely: where things are, how the run is laid out on devices, what it logs
 # and how often it saves. Every other key is part of the computation and guarded.
 OPERATIONAL = (
-    "model.hf_dir", "model.attention", "model.remat",
+    "model.hf_dir", "model.init_from", "model.attention", "model.remat",
     "data.data_dir", "data.tokenizer_dir", "data.image_root", "data.worker_count", "data.worker_buffer_size",
     "data.read_threads", "data.prefetch", "data.strict", "data.max_unusable_at_start",
     "data.max_unusable_in_a_row",
