@@ -68,9 +68,9 @@ def add_process_arguments(parser) -> None:
   group.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0 .. N-1")
 
 
-def explicit_settings(args=None, environ=None) -> ProcessSettings:
+def explicit_settings(args=None) -> ProcessSettings:
   """The command's flags, each falling back to its JAX_* environment variable."""
-  environ = os.environ if environ is None else environ
+  environ = os.environ
   values = {}
   for field, variable, kind in _SETTINGS:
     value = getattr(args, field, None)
@@ -109,10 +109,10 @@ def detected_cluster() -> tuple[str, int | None] | None:
 def cloud_tpu_process_count() -> int | None:
   """The processes of this Cloud TPU VM's slice as JAX counts them (all slices of a multislice job); None off
   a TPU VM. JAX's own TPU cluster envs, so the count is the one `initialize()` will use."""
-  from jax._src import cloud_tpu_init  # noqa: PLC0415 (set when `import jax` found a TPU and libtpu)
-  if not cloud_tpu_init.running_in_cloud_tpu_vm:
+  from jax._src import cloud_tpu_init
+  if not cloud_tpu_init.running_in_cloud_tpu_vm:  # set by `import jax` where it found TPU chips and libtpu
     return None
-  from jax._src.clusters import GceTpuCluster, GkeTpuCluster  # noqa: PLC0415
+  from jax._src.clusters import GceTpuCluster, GkeTpuCluster
   for cluster in (GkeTpuCluster, GceTpuCluster):
     if cluster.is_env_present():
       return int(cluster.get_process_count())
@@ -155,7 +155,7 @@ def initialize_from_environment(explicit: ProcessSettings | None = None) -> Star
   """
   start = plan_start(explicit_settings() if explicit is None else explicit)
   if start is not None:
-    import jax  # noqa: PLC0415
+    import jax
     print(f"joining the job's other processes (settings from {start.found_by})", file=sys.stderr, flush=True)
     jax.distributed.initialize(**start.arguments)
   return start
@@ -164,7 +164,7 @@ def initialize_from_environment(explicit: ProcessSettings | None = None) -> Star
 def announce_process(stream=None) -> None:
   """In a job of several processes, each prints once who it is and what it drives (stderr by default), so a
   host that did not join, or joined with the wrong devices, shows in every host's log."""
-  import jax  # noqa: PLC0415
+  import jax
   if jax.process_count() > 1:
     print(f"process {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} local "
           f"{jax.default_backend()} devices, {jax.device_count()} in the job", file=stream or sys.stderr, flush=True)
@@ -180,5 +180,5 @@ class _Discard(io.TextIOBase):
 def main_process_stream(stream):
   """`stream` on process 0, a stream that drops everything on the others: a job prints one progress line,
   not one per host. (None stays None: the caller's default stream.)"""
-  import jax  # noqa: PLC0415
+  import jax
   return stream if jax.process_index() == 0 else _Discard()
