@@ -3,7 +3,8 @@
 #   gcloud compute tpus tpu-vm ssh NAME --zone ZONE --worker=all --command \
 #     "cd eemo-jax && launch/tpu_pod.sh configs/emoverse_3b_sft.py --config.train.run_dir=gs://BUCKET/runs/x \
 #      --config.model.hf_dir=/path/on/every/worker/Qwen2.5-VL-3B-Instruct --config.data.data_dir=gs://BUCKET/tfds"
-# JAX discovers the other workers from the TPU metadata (eemo_jax.parallel.distributed).
+# JAX finds the other workers in the TPU VM's metadata; each joins them when the slice has several
+# (eemo_jax.parallel.distributed), prints "process I of N: ..." once, and only worker 0 prints progress.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 config="${1:?usage: launch/tpu_pod.sh CONFIG [--config.key=value ...]}"; shift

@@ -8,25 +8,24 @@ stderr; 3 the loss became NaN/inf; 1 a checkpoint could not be written.
 
 from __future__ import annotations
 
-from eemo_jax.config import add_config_argument, config_from_args
+from eemo_jax.commands import train as train_command
+from eemo_jax.config import config_from_args
 
 
 def add_arguments(parser, name):
-  del name
-  add_config_argument(parser)
+  train_command.add_arguments(parser, name)
 
 
 def run(args) -> int:
-  from eemo_jax.commands.train import run_reporting_errors
-  from eemo_jax.parallel.distributed import initialize_from_environment
-
   config = config_from_args(args, "grpo")
-  if config is None:
+  if config is None or not train_command.join_processes("grpo", args):
     return 2
-  initialize_from_environment()
+  import jax
+
   from eemo_jax.rl.run import RewardFunctionError, grpo
-  code, summary = run_reporting_errors("grpo", lambda: grpo(config), extra_user_errors=(RewardFunctionError,))
-  if summary is None:
+  code, summary = train_command.run_reporting_errors("grpo", lambda: grpo(config),
+                                                     extra_user_errors=(RewardFunctionError,))
+  if summary is None or jax.process_index() != 0:
     return code
   rewards = summary.reward_history
   print(f"done: {summary.steps} steps in {summary.seconds:.0f} s; run directory {summary.run_dir}")

@@ -1,7 +1,8 @@
 """`eemo-jax train --config configs/X.py [--config.key=value ...]`: run or resume an SFT run.
 
-The same command runs on every host of a job (see launch/): with JAX's distributed environment
-variables set (or on a TPU VM slice) it first joins the other processes.
+The same command runs on every host of a job (see launch/): on a TPU VM slice, under SLURM, Open MPI or
+in an indexed Kubernetes Job (or with `--coordinator-address`, `--num-processes`, `--process-id`) it first
+joins the other processes (`eemo_jax.parallel.distributed`). Only process 0 prints progress.
 
 Exit status: 0 done; 2 something to fix before the run can go on (config, paths, data, a resume that would
 change the run, no readable checkpoint), one line on stderr and nothing written into the run directory;
@@ -16,8 +17,22 @@ from eemo_jax.config import ConfigError, add_config_argument, config_from_args
 
 
 def add_arguments(parser, name):
+  from eemo_jax.parallel.distributed import add_process_arguments
   del name
   add_config_argument(parser)
+  add_process_arguments(parser)
+
+
+def join_processes(command: str, args) -> bool:
+  """Joins the job's other processes, if any (before JAX's backend starts); False after printing why the
+  settings cannot work (the command exits 2)."""
+  from eemo_jax.parallel.distributed import ProcessSetupError, explicit_settings, initialize_from_environment
+  try:
+    initialize_from_environment(explicit_settings(args))
+  except ProcessSetupError as error:
+    print(f"eemo-jax {command}: {error}", file=sys.stderr)
+    return False
+  return True
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -53,15 +68,14 @@ def run_reporting_errors(command: str, job, *, extra_user_errors=()):
 
 
 def run(args) -> int:
-  from eemo_jax.parallel.distributed import initialize_from_environment
-
   config = config_from_args(args, "train")
-  if config is None:
+  if config is None or not join_processes("train", args):
     return 2
-  initialize_from_environment()
+  import jax
+
   from eemo_jax.train.run import train
   code, summary = run_reporting_errors("train", lambda: train(config))
-  if summary is None:
+  if summary is None or jax.process_index() != 0:
     return code
   print(f"done: {summary.steps} steps in {summary.seconds:.0f} s; run directory {summary.run_dir}")
   if summary.eval_metrics:

@@ -41,6 +41,7 @@ from eemo_jax import paths
 from eemo_jax import status
 from eemo_jax.config import ConfigError
 from eemo_jax.host_memory import use_host_memory_for_cpu_steps
+from eemo_jax.parallel.distributed import announce_process, main_process_stream
 from eemo_jax.parallel.sharding import make_mesh
 from eemo_jax.rl import parsing, rewards
 from eemo_jax.rl.advantages import group_advantages, nanstd
@@ -237,6 +238,7 @@ def grpo(config, *, tokenizer=None, train_source=None, eval_source=None, progres
 
   started = time.time()
   use_host_memory_for_cpu_steps()
+  announce_process()  # every process: its index and devices, once
   t = config.train
   run_dir = paths.absolute(t.run_dir)
   is_main = jax.process_index() == 0
@@ -315,7 +317,7 @@ def grpo(config, *, tokenizer=None, train_source=None, eval_source=None, progres
                        mesh, rules, tokenizer, arch)
       writer = MetricsWriter(run_dir, enabled=is_main)
       samples = open(os.path.join(run_dir, SAMPLES_FILE), "a") if is_main and settings.sample_every else None
-      progress = ProgressLine(total_steps, stream=progress_stream, every=t.log_every)
+      progress = ProgressLine(total_steps, stream=main_process_stream(progress_stream), every=t.log_every)
       announce_start(progress, run_dir, start, resumed_from, restore_warnings, config_check)
       for line in init_lines:
         progress.message(line)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import time
 from typing import Any
@@ -36,6 +37,10 @@ class RunCheckpointError(RuntimeError):
 
 class CheckpointSaveError(RunCheckpointError):
   """A checkpoint could not be written; the run stops at once."""
+
+
+class ProcessCountError(RunCheckpointError):
+  """The checkpoint was saved by another number of JAX processes than this run has; it is not damaged."""
 
 
 def _is_key(x) -> bool:
@@ -169,6 +174,7 @@ class RunCheckpoints:
       raise FileNotFoundError(f"no checkpoint under {self.directory}")
     items = {"state": ocp.args.StandardRestore(_abstract_key_data(abstract_state))}
     if data_iterator is not None:
+      self._check_process_count(step)
       import grain
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     restored = self._manager.restore(int(step), args=ocp.args.Composite(**items))
@@ -189,6 +195,8 @@ class RunCheckpoints:
     for step in steps:
       try:
         restored = self.restore(abstract_state, data_iterator, step=step)
+      except ProcessCountError:
+        raise
       except Exception as error:  # damage shows as any of Orbax's, tensorstore's or Grain's errors
         failures.append((step, error))
         _quiet_abandoned_reads(os.path.join(self.directory, str(step)))
@@ -228,6 +236,25 @@ class RunCheckpoints:
 
   def _state_dir(self, step: int) -> str:
     return os.path.join(self.directory, str(int(step)), "state")
+
+  def _check_process_count(self, step: int) -> None:
+    """Raises `ProcessCountError` when checkpoint `step`'s data iterator was saved by another number of processes.
+
+    Each process saves the position in its own shard of the stream (Grain: `data/process_<i>-of-<n>.json`),
+    and another process count shards the stream differently, so no saved position fits it. Without this
+    check Grain's missing-file error would pass for damage, and the checkpoint be moved aside.
+    """
+    from etils import epath  # what Orbax and Grain write through (local or gs://)
+    folder = epath.Path(self.directory) / str(step) / "data"
+    names = [p.name for p in folder.iterdir()] if folder.exists() else []
+    counts = {int(m.group(1)) for m in (re.fullmatch(r"process_\d+-of-(\d+)\.json", n) for n in names) if m}
+    if counts and jax.process_count() not in counts:
+      saved = max(counts)
+      raise ProcessCountError(
+          f"checkpoint {step} of {self.run_dir} was saved by {saved} JAX processes and this run has "
+          f"{jax.process_count()}: the data iterator's position is saved per process. Resume it with {saved} "
+          f"processes (the same command on {saved} hosts, or --num-processes {saved}), or start a new "
+          "train.run_dir from its weights (model.init_from)")
 
   def _move_aside(self, step: int, error: BaseException, *, restored_step: int) -> str:
     aside = os.path.join(self.run_dir, "damaged_checkpoints", f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")

@@ -31,6 +31,7 @@ from eemo_jax.model.config import Qwen25VLConfig, preset
 from eemo_jax.model.heads import EmotionHead, HeadConfig
 from eemo_jax.model.lora import LoraConfig, LoraParam, apply_lora
 from eemo_jax.model.qwen25vl import Qwen25VL
+from eemo_jax.parallel.distributed import announce_process, main_process_stream
 from eemo_jax.parallel.sharding import make_mesh
 from eemo_jax.train import freeze, losses, run_record
 from eemo_jax.train.checkpointing import RunCheckpoints, quiet_orbax_tracebacks
@@ -265,6 +266,7 @@ def train(config, *, tokenizer=None, train_source=None, eval_source=None, progre
 
   started = time.time()
   use_host_memory_for_cpu_steps()  # before the backend starts: the CPU step's buffers stay mapped
+  announce_process()  # every process: its index and devices, once
   t = config.train
   run_dir = paths.absolute(t.run_dir)
   is_main = jax.process_index() == 0
@@ -350,7 +352,7 @@ def train(config, *, tokenizer=None, train_source=None, eval_source=None, progre
       flops = step_flops(arch, head_cfg, batch_spec, config)
       peak = _peak_flops(config) * jax.device_count()
       writer = MetricsWriter(run_dir, enabled=is_main)
-      progress = ProgressLine(total_steps, stream=progress_stream, every=t.log_every)
+      progress = ProgressLine(total_steps, stream=main_process_stream(progress_stream), every=t.log_every)
       announce_start(progress, run_dir, start, resumed_from, restore_warnings, config_check)
       for line in init_lines:
         progress.message(line)
