@@ -152,6 +152,11 @@ def exists(path) -> bool:
   return _epath(path).exists() if is_url(path) else os.path.exists(path)
 
 
+def lexists(path) -> bool:
+  """Whether anything is at `path`, a broken local symlink included."""
+  return _epath(path).exists() if is_url(path) else os.path.lexists(path)
+
+
 def isdir(path) -> bool:
   """A folder; in a bucket, a prefix some object lies under."""
   return _epath(path).is_dir() if is_url(path) else os.path.isdir(path)
@@ -267,9 +272,16 @@ def rmtree(path) -> None:
 
 
 def copy_file(src, dst) -> None:
-  """Copies one file between any two places (local or bucket), streaming, never holding it whole."""
+  """Copies one file between any two places (local or bucket), streaming, never holding it whole; within one
+  bucket file system the store copies it itself (GCS: a rewrite), so the bytes never pass through this host."""
   if not is_url(src) and not is_url(dst):
     shutil.copyfile(src, dst)
+    return
+  if is_url(src) and is_url(dst) and src.split("://", 1)[0] == dst.split("://", 1)[0]:
+    import fsspec
+    check_usable(src)
+    fs, source = fsspec.core.url_to_fs(str(src))
+    fs.copy(source, fsspec.core.url_to_fs(str(dst))[1])
     return
   with open_file(src, "rb") as reader, open_file(dst, "wb") as writer:
     while chunk := reader.read(_COPY_CHUNK):

@@ -32,12 +32,18 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _forget_filesystems() -> None:
-  """Drops the gcsfs instances fsspec and epath cache, so the next `gs://` use sees the current environment."""
-  import gcsfs
+def _use_gcsfs(cls) -> None:
+  """Makes `cls` the class fsspec (and so epath) builds for gs:// and gcs://, with no cached instance left.
+
+  The emulator needs gcsfs's plain `GCSFileSystem`: its default class (`ExtendedGcsFileSystem`, chosen when
+  gcsfs is first imported) first asks Google's storage-control gRPC service for the bucket's layout, which
+  no emulator serves."""
+  import fsspec
   from etils.epath import backend
+  for protocol in ("gs", "gcs"):
+    fsspec.register_implementation(protocol, cls, clobber=True)
   backend.fsspec_backend._get_filesystem.cache_clear()
-  gcsfs.GCSFileSystem.clear_instance_cache()
+  cls.clear_instance_cache()
 
 
 def _start_server() -> tuple[subprocess.Popen, str]:
@@ -66,8 +72,8 @@ def _start_server() -> tuple[subprocess.Popen, str]:
 @contextlib.contextmanager
 def gcs_emulator() -> Iterator[str]:
   """Runs the emulator with an empty bucket `BUCKET`; yields its URL. The environment is restored after."""
-  os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # no gRPC control-plane lookups
   import fsspec
+  import gcsfs
   server, url = _start_server()
   closed = f"127.0.0.1:{_free_port()}"
   env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "CLOUD_STORAGE_EMULATOR_ENDPOINT": url,
@@ -78,12 +84,12 @@ def gcs_emulator() -> Iterator[str]:
   saved_token = gcs_conf.get("token")
   os.environ.update(env)
   gcs_conf["token"] = "anon"
-  _forget_filesystems()
+  _use_gcsfs(gcsfs.core.GCSFileSystem)
   try:
     _bucket_filesystem().mkdir(BUCKET)
     yield url
   finally:
-    _forget_filesystems()
+    _use_gcsfs(gcsfs.GCSFileSystem)  # the class gcsfs chose on import
     server.terminate()
     server.wait(timeout=30)
     for key, value in saved_env.items():
@@ -99,8 +105,8 @@ def gcs_emulator() -> Iterator[str]:
 
 def _bucket_filesystem():
   """A gcsfs client of its own (no cache shared with the code under test)."""
-  import fsspec
-  return fsspec.filesystem("gcs", skip_instance_cache=True, use_listings_cache=False, token="anon")
+  import gcsfs
+  return gcsfs.core.GCSFileSystem(skip_instance_cache=True, use_listings_cache=False, token="anon")
 
 
 def bucket_files(prefix: str = "") -> list[str]:

@@ -11,10 +11,10 @@ nothing. `export-hf --overwrite` replaces an existing export whole, once the new
 from __future__ import annotations
 
 import argparse
-import os
 import re
-import shutil
 import sys
+
+from eemo_jax import paths
 
 ASSETS = "hf_assets"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -89,19 +89,19 @@ def import_hf(hf_dir: str, ckpt_dir: str, *, dtype="float32", adapter: str | Non
     from eemo_jax.model.lora import merge_lora
     load_peft_adapter(model, adapter)
     merge_lora(model)
-  created = not os.path.exists(ckpt_dir)
+  created = not paths.exists(ckpt_dir)
   try:
     save_checkpoint(model, ckpt_dir)
     if jax.process_index() == 0:
-      assets = os.path.join(ckpt_dir, ASSETS)
-      os.makedirs(assets, exist_ok=True)
+      assets = paths.join(ckpt_dir, ASSETS)
+      paths.makedirs(assets)
       copy_assets(hf_dir, assets)
-      generation = os.path.join(hf_dir, "generation_config.json")
-      if os.path.isfile(generation):  # sampling defaults; export copies it back
-        shutil.copyfile(generation, os.path.join(assets, "generation_config.json"))
+      generation = paths.join(hf_dir, "generation_config.json")
+      if paths.isfile(generation):  # sampling defaults; export copies it back
+        paths.copy_file(generation, paths.join(assets, "generation_config.json"))
   except BaseException:
     if created and jax.process_index() == 0:
-      shutil.rmtree(ckpt_dir, ignore_errors=True)
+      paths.rmtree(ckpt_dir)
     raise
   print(f"imported {hf_dir}{f' + adapter {adapter}' if adapter else ''} -> {ckpt_dir}")
 
@@ -117,13 +117,12 @@ def export_hf(ckpt_dir: str, out_dir: str, *, dtype=None, max_shard_bytes: int =
   from eemo_jax.hf.save import export_folder, write_hf
   from eemo_jax.hf.staging import ExportError, resolve_target
   read_checkpoint_config(ckpt_dir)
-  target, ckpt = resolve_target(out_dir), os.path.realpath(ckpt_dir)
-  if os.path.commonpath([target, ckpt]) == target:
+  if paths.inside(ckpt_dir, resolve_target(out_dir)):
     raise ExportError(f"{out_dir} holds the checkpoint {ckpt_dir} being exported; choose another OUT_DIR")
-  assets = os.path.join(ckpt_dir, ASSETS)
+  assets = paths.join(ckpt_dir, ASSETS)
   with export_folder(out_dir, overwrite=overwrite) as folder:
     model = _load_for_export(ckpt_dir, dtype)
-    names = write_hf(model, folder, source_dir=assets if os.path.isdir(assets) else None, dtype=dtype,
+    names = write_hf(model, folder, source_dir=assets if paths.isdir(assets) else None, dtype=dtype,
                      max_shard_bytes=max_shard_bytes)
   print(f"exported {ckpt_dir} -> {out_dir} ({len(names)} safetensors file{'s' * (len(names) != 1)})")
 

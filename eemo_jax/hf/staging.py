@@ -19,12 +19,13 @@ new one renamed in: a kill between those two renames leaves no `target`, and the
 under the `.replaced-*` name (never removed automatically).
 
 A bucket (`gs://...`, see `eemo_jax.paths`) has no folders to rename, so there the export is written to
-the same `.NAME.partial-XXXX` prefix and then copied into `target` object by object (a server-side copy), the
-weights first and `config.json` last, after the old export's `config.json` was deleted first and the rest of
-it then. `config.json` is what makes a folder an HF model (nothing loads one without it), so while the copy
-runs `target` holds no model that claims to be complete, and a process killed then leaves `target` without a
-`config.json` (an export to rerun) and the complete new export under the `.partial-*` prefix. That is the
-closest a bucket allows to a swap: it has no atomic rename, only atomic single objects.
+the same `.NAME.partial-XXXX` prefix and then copied into `target` object by object (a copy inside the
+store), the weights first and `config.json` last, after the old export's `config.json` was deleted first and
+the rest of it then (`adapter_config.json` likewise for a PEFT adapter). `config.json` is what makes a folder
+an HF model (nothing loads one without it), so while the copy runs `target` holds no model that claims to be
+complete, and a process killed then leaves `target` without a `config.json` (an export to rerun) and the
+complete new export under the `.partial-*` prefix. That is the closest a bucket allows to a swap: it has no
+atomic rename, only atomic single objects.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ from eemo_jax import paths
 
 PARTIAL = ".partial-"
 REPLACED = ".replaced-"
+# The files whose presence makes a folder a loadable model (transformers) or adapter (PEFT).
+MARKERS = ("config.json", "adapter_config.json")
 
 
 class ExportError(ValueError):
@@ -104,7 +107,7 @@ def check_target(target: str, *, overwrite: bool = False) -> None:
   target = resolve_target(target)
   if paths.is_root(target):
     raise ExportError(f"cannot export to {target}, the root of the file system; choose a folder below it")
-  if _lexists(target) and not paths.isdir(target):
+  if paths.lexists(target) and not paths.isdir(target):
     raise ExportError(f"{target} exists and is not a folder; choose a folder path for the export")
   names = _listdir(target) if paths.isdir(target) else []
   if not names:
@@ -148,10 +151,10 @@ def _staged_in_bucket(target: str, *, overwrite: bool) -> Iterator[str]:
     paths.rmtree(tmp)
     raise
   names = paths.files_under(tmp)
-  if "config.json" in names:  # a folder's marker of completeness: gone first, back last
-    paths.remove(paths.join(target, "config.json"))
+  for marker in MARKERS:  # what makes a folder a model: gone first, back last
+    paths.remove(paths.join(target, marker))
   paths.rmtree(target)
-  for name in sorted(names, key=lambda n: (n == "config.json", not n.endswith(".safetensors"), n)):
+  for name in sorted(names, key=lambda n: (n in MARKERS, not n.endswith(".safetensors"), n)):
     paths.copy_file(paths.join(tmp, name), paths.join(target, name))
   paths.rmtree(tmp)
 
@@ -164,9 +167,6 @@ def _partial_path(target: str) -> str:
 def _listdir(path: str) -> list[str]:
   return paths.listdir(path)
 
-
-def _lexists(path: str) -> bool:
-  return paths.exists(path) if paths.is_url(path) else os.path.lexists(path)
 
 
 def _make_parents(folder: str) -> list[str]:
