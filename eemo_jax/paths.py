@@ -110,6 +110,14 @@ def _epath(path):
   return epath.Path(path)
 
 
+def _filesystem(path):
+  """(fsspec file system, path without its scheme), for what epath does not offer."""
+  import fsspec
+  check_usable(path)
+  fs, stripped = fsspec.core.url_to_fs(str(path))
+  return fs, stripped.rstrip("/")
+
+
 # --------------------------------------------------------------------------------------------- names
 def join(base, *names: str) -> str:
   """`base/name/...`; a URL keeps its `scheme://`."""
@@ -171,8 +179,9 @@ def isfile(path) -> bool:
 
 def listdir(path) -> list[str]:
   """The names in a folder (`os.listdir`'s order locally)."""
-  if is_url(path):
-    return sorted({basename(str(p)) for p in _epath(path).iterdir()})
+  if is_url(path):  # a folder placeholder object (the console makes them) is the folder itself, not an entry
+    fs, root = _filesystem(path)
+    return sorted({n.rstrip("/").rsplit("/", 1)[-1] for n in fs.ls(root, detail=False) if n.rstrip("/") != root})
   return os.listdir(path)
 
 
@@ -184,10 +193,7 @@ def files_under(folder) -> list[str]:
   """Every file below `folder`, as paths relative to it (`/`-separated), sorted."""
   out = []
   if is_url(folder):
-    import fsspec
-    check_usable(folder)
-    fs, root = fsspec.core.url_to_fs(str(folder))  # epath's walk drops the scheme from the folders it yields
-    root = root.rstrip("/")
+    fs, root = _filesystem(folder)  # epath's walk drops the scheme from the folders it yields
     out = [name[len(root) + 1:] for name in fs.find(root) if name.startswith(root + "/") and not name.endswith("/")]
   else:
     for root, _, names in os.walk(folder):
@@ -277,11 +283,9 @@ def copy_file(src, dst) -> None:
   if not is_url(src) and not is_url(dst):
     shutil.copyfile(src, dst)
     return
-  if is_url(src) and is_url(dst) and src.split("://", 1)[0] == dst.split("://", 1)[0]:
-    import fsspec
-    check_usable(src)
-    fs, source = fsspec.core.url_to_fs(str(src))
-    fs.copy(source, fsspec.core.url_to_fs(str(dst))[1])
+  if is_url(src) and is_url(dst) and str(src).split("://", 1)[0] == str(dst).split("://", 1)[0]:
+    fs, source = _filesystem(src)
+    fs.copy(source, _filesystem(dst)[1])
     return
   with open_file(src, "rb") as reader, open_file(dst, "wb") as writer:
     while chunk := reader.read(_COPY_CHUNK):
