@@ -102,3 +102,15 @@ def test_appended_file_locally_appends_and_flushes_each_write(tmp_path):
   log.write("new\n")
   assert path.read_text() == "old\nnew\n"  # on disk before close: a kill loses nothing written
   log.close()
+
+
+def test_a_file_larger_than_an_upload_chunk_is_streamed_into_one_object(bucket):
+  """A weight shard is written in pieces larger in all than gcsfs's 5 MiB block: a resumable upload of several
+  chunks, which becomes one object only once closed."""
+  import numpy as np
+  data = np.random.default_rng(0).integers(0, 256, 11 * 2**20 + 123, dtype=np.uint8).tobytes()
+  with paths.open_file(f"{B}/large/model.safetensors", "wb") as f:
+    for start in range(0, len(data), 2**20):
+      f.write(data[start:start + 2**20])
+    assert bucket_files("large") == []  # nothing visible before the upload completes
+  assert read_object("large/model.safetensors") == data

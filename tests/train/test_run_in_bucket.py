@@ -3,7 +3,8 @@
 The bucket is a GCS emulator on localhost (tests/gcs_emulator.py) that gcsfs, tensorstore and array_record all
 talk to with their own GCS clients, so this is the code path a TPU pod takes, with no network. The tiny
 recipe (4 steps of 8 rows, a checkpoint every 2) is interrupted after step 3, resumed from checkpoint 2, and
-exported; then the bucket must hold every file of the run and the working directory nothing.
+exported; then the bucket must hold every file of the run and the working directory nothing. (No evaluation
+batches: the test split is read the same way as the train split.)
 """
 
 import io
