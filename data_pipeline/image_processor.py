@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from eemo_jax import paths
+
 # OpenAI CLIP statistics (transformers.image_utils.OPENAI_CLIP_MEAN / OPENAI_CLIP_STD), Qwen2-VL's defaults.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -210,10 +212,9 @@ class ImageProcessorConfig:
   def from_folder(cls, folder: str | os.PathLike) -> ImageProcessorConfig:
     """Reads a model folder's preprocessor_config.json (or processor_config.json if it has only that)."""
     for name in ("preprocessor_config.json", "processor_config.json"):
-      path = os.path.join(folder, name)
-      if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-          return cls.from_hf(json.load(f))
+      path = paths.join(folder, name)
+      if paths.isfile(path):
+        return cls.from_hf(json.loads(paths.read_text(path)))
     raise FileNotFoundError(f"No preprocessor_config.json or processor_config.json in {os.fspath(folder)!r}; "
                             "point to the Hugging Face model folder, or build ImageProcessorConfig(...) directly.")
 

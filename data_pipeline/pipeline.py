@@ -63,6 +63,7 @@ from data_pipeline.image_processor import (DEFAULT_MIN_PIXELS, ImageProcessorCon
                                            default_pixel_limit, smart_resize)
 from data_pipeline.records import VAD_TASKS, answer_body
 from data_pipeline.tokenizer import TextTokenizer, load_tokenizer
+from eemo_jax import paths
 from eemo_jax.model import positions
 
 if TYPE_CHECKING:  # eemo_jax.rl imports data_pipeline.tasks; these are imported where they are used
@@ -436,12 +437,12 @@ class ExampleMaker(grain.transforms.Map):
   def _preprocess(self, record_id: str, field: str, value) -> tuple[np.ndarray, tuple[int, int, int]]:
     """`image_patches` of one image, or a RecordError naming the record, the field and the fix."""
     if isinstance(value, str):
-      path = value if os.path.isabs(value) else os.path.join(self.config.image_root, value)
-      if not os.path.isfile(path):
+      path = value if os.path.isabs(value) or paths.is_url(value) else paths.join(self.config.image_root, value)
+      if not paths.isfile(path):
         raise MissingFileError(record_id, field, f"no image file at {path}",
                                "check the path (relative paths start at PipelineConfig.image_root), or remove the "
                                "record")
-      value = path
+      value = paths.read_bytes(path) if paths.is_url(path) else path  # the image library opens local files only
     elif not isinstance(value, (bytes, bytearray, np.bytes_)):
       raise InvalidFieldError(record_id, field, f"is a {type(value).__name__}, not encoded image bytes or a path",
                               "store the encoded image file (as the builders do)")

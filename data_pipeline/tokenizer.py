@@ -24,6 +24,7 @@ from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers,
 from tokenizers.models import BPE
 
 from data_pipeline import prompts
+from eemo_jax import paths
 
 # Qwen2's pre-tokenizer split (transformers `tokenization_qwen2.PRETOKENIZE_REGEX`, the `Split` pattern of
 # every released Qwen2 / Qwen2.5 tokenizer.json).
@@ -115,11 +116,12 @@ class TextTokenizer:
 
 def load_tokenizer(folder: str) -> TextTokenizer:
   """The tokenizer of an HF folder (a Qwen2.5-VL checkpoint, or one `build_offline_tokenizer` wrote)."""
-  path = os.path.join(folder, "tokenizer.json")
-  if not os.path.isfile(path):
+  path = paths.join(folder, "tokenizer.json")
+  if not paths.isfile(path):
     raise FileNotFoundError(f"no tokenizer.json in {folder}; point to a Qwen2.5-VL checkpoint folder, or build "
                             "the offline tokenizer with data_pipeline.tokenizer.build_offline_tokenizer(folder)")
-  return TextTokenizer(tokenizers.Tokenizer.from_file(path), source=path)
+  # Read through the path layer (a bucket's file too): `from_file` would need a local path.
+  return TextTokenizer(tokenizers.Tokenizer.from_str(paths.read_text(path)), source=path)
 
 
 def build_offline_tokenizer(folder: str, *, vocab_size: int = 512) -> str:
@@ -152,6 +154,9 @@ def build_offline_tokenizer(folder: str, *, vocab_size: int = 512) -> str:
       "vocab.json": json.dumps(vocab, ensure_ascii=False) + "\n",
       "merges.txt": "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
   }
+  if paths.is_url(folder):
+    raise paths.PathError(f"build_offline_tokenizer writes a local folder, not {folder}; build it locally and copy "
+                          "it to the bucket")
   os.makedirs(folder, exist_ok=True)
   for name, text in files.items():
     _write_if_changed(os.path.join(folder, name), text)

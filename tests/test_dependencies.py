@@ -16,7 +16,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TESTED_EXTRAS = ("data", "test", "tpu")  # what scripts/test.sh installs, so what constraints.txt was made from
+TESTED_EXTRAS = ("data", "test", "tpu", "gcs")  # what scripts/test.sh installs, so what constraints.txt was made from
 
 
 def read_pins(path: str) -> dict[str, str]:

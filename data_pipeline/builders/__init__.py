@@ -32,6 +32,7 @@ from data_pipeline.builders.emoverse import EmoVerse
 from data_pipeline.builders.reading import RecordSource, dataset_dir, load_records
 from data_pipeline.builders.synthetic import Synthetic, synthetic_config
 from data_pipeline.errors import DatasetError
+from eemo_jax import paths
 
 BUILDERS: dict[str, type[RecordBuilder]] = {"emoverse": EmoVerse, "eemo": EEmo, "eemo_bench": EEmoBench,
                                             "synthetic": Synthetic}
@@ -70,6 +71,9 @@ def build(name: str, data_dir: str | Path, *, manual_dir: str | Path | None = No
   """
   if name not in BUILDERS:
     raise DatasetError(f"unknown data set {name!r}; choose one of {sorted(BUILDERS)}")
+  if paths.is_url(data_dir) or paths.is_url(manual_dir or ""):
+    raise DatasetError(f"build writes a local data_dir from a local manual_dir, not {data_dir}: build it here, then "
+                       "copy the folder to the bucket (a training run reads data.data_dir from a bucket directly)")
   builder_class = BUILDERS[name]
   configs = [c.name for c in builder_class.BUILDER_CONFIGS]
   if config is not None and config not in configs:

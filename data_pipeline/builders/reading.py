@@ -20,13 +20,15 @@ Entries are in TFDS's shuffled write order, not annotation order; a record's `id
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 from typing import Any
 
 import grain
 import tensorflow_datasets as tfds
+from etils import epath
 
 from data_pipeline.errors import DatasetError
+from eemo_jax import paths
 from data_pipeline.records import EEmoRecord, EmoVerseRecord
 
 
@@ -36,8 +38,8 @@ class RecordSource:
   Picklable (Grain worker processes re-open the files). `record(i)` gives the typed record instead.
   """
 
-  def __init__(self, dataset_dir: str | Path, split: str):
-    self.dataset_dir = Path(dataset_dir)
+  def __init__(self, dataset_dir: str | os.PathLike, split: str):
+    self.dataset_dir = epath.Path(dataset_dir)
     self.split = split
     try:
       info = tfds.builder_from_directory(str(self.dataset_dir)).info
@@ -88,16 +90,21 @@ class RecordSource:
     return f"RecordSource({str(self.dataset_dir)!r}, split={self.split!r}, len={len(self)})"
 
 
-def dataset_dir(name: str, data_dir: str | Path, config: str | None = None, version: str | None = None) -> Path:
-  """data_dir/name[/config]/version of a built data set (the newest version unless one is given)."""
+def dataset_dir(name: str, data_dir: str | os.PathLike, config: str | None = None,
+                version: str | None = None) -> epath.Path:
+  """data_dir/name[/config]/version of a built data set (the newest version unless one is given).
+
+  `data_dir` is a local folder or a bucket URL: it is read through `etils.epath`, as TFDS and Grain read it.
+  """
   build_it = f"build it first with data_pipeline.builders.build({name!r}, {str(data_dir)!r}, ...)"
   if not str(data_dir):
     raise DatasetError("the data directory is empty (data.data_dir); set it to the folder "
                        "data_pipeline.builders.build wrote the data set to")
-  if not Path(data_dir).is_dir():
+  paths.check_usable(data_dir, "data.data_dir")
+  if not epath.Path(data_dir).is_dir():
     raise DatasetError(f"the data directory {data_dir} does not exist (data.data_dir); point it to the folder "
                        f"holding the built data set, or {build_it}")
-  base = Path(data_dir) / name
+  base = epath.Path(data_dir) / name
   if not base.is_dir():
     raise DatasetError(f"no data set {name!r} under {data_dir} (data.dataset, data.data_dir); {build_it}")
   configs = sorted(p.name for p in base.iterdir()
@@ -120,7 +127,7 @@ def dataset_dir(name: str, data_dir: str | Path, config: str | None = None, vers
   return config_dir / (version or versions[-1])
 
 
-def load_records(name: str, data_dir: str | Path, split: str, *, config: str | None = None,
+def load_records(name: str, data_dir: str | os.PathLike, split: str, *, config: str | None = None,
                  version: str | None = None) -> RecordSource:
   """A random-access source of decoded feature dicts for one split of a built data set."""
   return RecordSource(dataset_dir(name, data_dir, config, version), split)

@@ -13,7 +13,6 @@ leaderboard format, every item scored). Exit 0 done, 2 something to fix (one lin
 
 from __future__ import annotations
 
-import os
 import sys
 
 
@@ -70,6 +69,7 @@ def _from_file(args) -> str:
 def _from_model(args) -> str | None:
   import dataclasses
 
+  from eemo_jax import paths
   from eemo_jax.config import ConfigError, config_from_args
   from eemo_jax.eval.loading import load_eval_model
   from eemo_jax.eval.output import headline
@@ -84,7 +84,7 @@ def _from_model(args) -> str | None:
   hf_dir, checkpoint = args.hf_dir, args.checkpoint
   if hf_dir is None and checkpoint is None:
     export = config.train.export_dir
-    hf_dir = export if export and os.path.exists(os.path.join(export, "config.json")) else config.model.hf_dir
+    hf_dir = export if export and paths.exists(paths.join(export, "config.json")) else config.model.hf_dir
     if not hf_dir:
       raise ConfigError("no model to evaluate: pass --hf-dir or --checkpoint (the config names no export or "
                         "model.hf_dir)")
@@ -107,7 +107,7 @@ def _from_model(args) -> str | None:
                             judge=_judge(args))
   return (f"evaluated {result.examples} records of {config.data.dataset}/{pcfg.split} with {model.name} in "
           f"{result.seconds:.1f} s ({result.examples_per_second:.2f}/s)\n{headline(result.metrics)}\n"
-          f"report: {os.path.join(os.path.abspath(args.out), 'report.md')}")
+          f"report: {paths.join(paths.absolute(args.out), 'report.md')}")
 
 
 def _judge(args):

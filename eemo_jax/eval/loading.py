@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from eemo_jax import paths
 from eemo_jax.model.heads import EmotionHead
 from eemo_jax.model.qwen25vl import Qwen25VL
 
@@ -37,10 +38,10 @@ def load_eval_model(*, hf_dir: str | None = None, checkpoint: str | None = None,
   if (hf_dir is None) == (checkpoint is None):
     raise ModelSourceError("give the model as exactly one of --hf-dir (an HF folder) or --checkpoint (an "
                            "`eemo-jax import-hf` checkpoint folder)")
-  folder = os.path.abspath(hf_dir or checkpoint)
-  if not os.path.isdir(folder):
+  folder = paths.absolute(hf_dir or checkpoint)
+  if not paths.isdir(folder):
     raise ModelSourceError(f"{folder} does not exist; pass the folder that holds the model")
-  tokenizer_dir = os.path.abspath(tokenizer_dir) if tokenizer_dir else folder
+  tokenizer_dir = paths.absolute(tokenizer_dir) if tokenizer_dir else folder
   tokenizer = _read_tokenizer(tokenizer_dir)
   if hf_dir is not None:
     from eemo_jax.hf.load import read_config
@@ -58,16 +59,16 @@ def load_eval_model(*, hf_dir: str | None = None, checkpoint: str | None = None,
   else:
     from eemo_jax.hf.checkpoint import load_checkpoint
     backbone = load_checkpoint(folder, dtype=dtype, mesh=mesh)
-  head = heads_io.load_head(folder, mesh=mesh) if os.path.exists(os.path.join(folder, heads_io.WEIGHTS)) else None
+  head = heads_io.load_head(folder, mesh=mesh) if paths.exists(paths.join(folder, heads_io.WEIGHTS)) else None
   return EvalModel(backbone=backbone, head=head, tokenizer=tokenizer,
-                   name=os.path.basename(folder.rstrip(os.sep)) or "model", folder=folder,
+                   name=paths.basename(folder.rstrip(os.sep)) or "model", folder=folder,
                    tokenizer_dir=tokenizer_dir)
 
 
 def _read_tokenizer(folder: str):
   from data_pipeline.tokenizer import load_tokenizer
-  path = os.path.join(folder, "tokenizer.json")
-  if not os.path.exists(path):
+  path = paths.join(folder, "tokenizer.json")
+  if not paths.exists(path):
     raise ModelSourceError(f"no tokenizer.json in {folder}: pass --tokenizer-dir (the HF folder the model "
                            "came from, or the demo's tokenizer folder)")
   try:

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from eemo_jax import paths
 from eemo_jax.eval import plots as plotlib
 from eemo_jax.eval.report import markdown_report
 
@@ -21,21 +22,24 @@ HEADLINES = ("perception.single.overall.accuracy", "perception.pair.overall.accu
 
 def write_outputs(out_dir: str, items: list[dict], metrics: Mapping[str, float], *, model: str,
                   extra: Mapping[str, float] | None = None, run_dir: str | None = None) -> dict[str, str]:
-  """Writes the folder; returns the paths written by name (metrics, predictions, report, and each plot)."""
-  out_dir = os.path.abspath(out_dir)
-  os.makedirs(out_dir, exist_ok=True)
-  paths = {"metrics": os.path.join(out_dir, "metrics.json"), "predictions": os.path.join(out_dir, "predictions.json"),
-           "report": os.path.join(out_dir, "report.md")}
-  flat = {k: _number(v) for k, v in {**metrics, **(extra or {})}.items()}
-  _write_json(paths["metrics"], dict(sorted(flat.items())))
-  _write_json(paths["predictions"], [_plain(i) for i in items])
-  plots = _plots(out_dir, items, metrics, model, run_dir)
-  paths.update(plots)
-  report = markdown_report(metrics, model=model, title=f"Evaluation of {model}",
-                           plots={name: os.path.relpath(p, out_dir) for name, p in plots.items()})
-  with open(paths["report"], "w") as f:
-    f.write(report)
-  return paths
+  """Writes the folder; returns the paths written by name (metrics, predictions, report, and each plot).
+
+  A bucket `out_dir` is written as a local folder first (matplotlib saves to real files), then uploaded.
+  """
+  out_dir = paths.absolute(out_dir)
+  with paths.local_folder(out_dir) as local:
+    written = {"metrics": os.path.join(local, "metrics.json"), "predictions": os.path.join(local, "predictions.json"),
+               "report": os.path.join(local, "report.md")}
+    flat = {k: _number(v) for k, v in {**metrics, **(extra or {})}.items()}
+    _write_json(written["metrics"], dict(sorted(flat.items())))
+    _write_json(written["predictions"], [_plain(i) for i in items])
+    plots = _plots(local, items, metrics, model, run_dir)
+    written.update(plots)
+    report = markdown_report(metrics, model=model, title=f"Evaluation of {model}",
+                             plots={name: os.path.relpath(p, local) for name, p in plots.items()})
+    with open(written["report"], "w") as f:
+      f.write(report)
+  return {name: paths.join(out_dir, os.path.relpath(p, local)) for name, p in written.items()}
 
 
 def headline(metrics: Mapping[str, float]) -> str:
@@ -74,9 +78,9 @@ def _plots(out_dir: str, items: list[dict], metrics: Mapping[str, float], model:
       plots[f"perception.{setting}.by_dimension"] = plotlib.accuracy_by_group_png(
           os.path.join(out_dir, f"perception_{setting}_by_dimension.png"), groups,
           f"Perception accuracy by dimension ({setting})")
-  if run_dir and os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
+  if run_dir and paths.exists(paths.join(run_dir, "metrics.jsonl")):
     plots["training_curves"] = plotlib.training_curves_png(os.path.join(out_dir, "training_curves.png"),
-                                                           os.path.join(run_dir, "metrics.jsonl"))
+                                                           paths.join(run_dir, "metrics.jsonl"))
   return plots
 
 

@@ -25,6 +25,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from eemo_jax import paths  # noqa: E402
 from eemo_jax.eval import metrics  # noqa: E402
 
 DPI = 100
@@ -193,18 +194,18 @@ def training_curves_png(path: str, metrics_jsonl_path: str) -> str:
     axes.legend(fontsize=8)
   for axes in list(grid.flat)[len(panels):]:
     axes.set_visible(False)
-  figure.suptitle(os.path.basename(os.path.dirname(os.path.abspath(metrics_jsonl_path))) or metrics_jsonl_path)
+  figure.suptitle(paths.basename(paths.dirname(paths.absolute(metrics_jsonl_path))) or metrics_jsonl_path)
   return _save(figure, path)
 
 
 def read_curves(metrics_jsonl_path: str) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]:
   """{(split, metric): ((T,) steps, (T,) values)} of a `metrics.jsonl`, by step, finite numbers only; a step
   logged twice (a resumed run) keeps its last value."""
-  if not os.path.isfile(metrics_jsonl_path):
+  if not paths.isfile(metrics_jsonl_path):
     raise FileNotFoundError(f"{metrics_jsonl_path} does not exist: give the metrics.jsonl of a training run "
                             "(it sits in the run directory)")
   points: dict[tuple[str, str], dict[int, float]] = {}
-  with open(metrics_jsonl_path, encoding="utf-8") as file:
+  with paths.open_file(metrics_jsonl_path, encoding="utf-8") as file:
     for number, line in enumerate(file, start=1):
       if not line.strip():
         continue

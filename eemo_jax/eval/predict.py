@@ -24,6 +24,7 @@ from flax import nnx
 from data_pipeline import tasks
 from eemo_jax.eval import prompting
 from eemo_jax.eval.loading import EvalModel
+from eemo_jax.paths import is_url
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 EMOVERSE_TASKS = ("bas", "ces")
@@ -56,6 +57,8 @@ class PredictInputError(ValueError):
 
 def list_images(path: str) -> list[str]:
   """The image file, or the image files of a folder (sorted; other files are not images and are left out)."""
+  if is_url(path):
+    raise PredictInputError(f"{path}: predict reads local images only; copy them to this machine first")
   if os.path.isfile(path):
     return [os.path.abspath(path)]
   if not os.path.isdir(path):
@@ -83,6 +86,9 @@ def predict(model: EvalModel, images: Sequence[str], settings: PredictSettings, 
             boxes_dir: str | None = None, progress: Callable[[int, int], None] | None = None) -> PredictSummary:
   """Writes `out_path` (JSONL), the DES vectors beside it (`.npy`, row i = line i) for a model with a head,
   and with `boxes_dir` a copy of each image with the subject box drawn."""
+  for where in (out_path, boxes_dir):
+    if where and is_url(where):
+      raise PredictInputError(f"{where}: predict writes local files only; write them here and copy them to the bucket")
   task = resolve_task(model, settings)
   arch = model.backbone.config
   pad = arch.pad_token_id

@@ -30,6 +30,7 @@ from typing import Any
 
 from data_pipeline import tasks
 from data_pipeline.errors import DatasetError, InvalidFieldError, MissingFieldError, RecordError, UnknownLabelError
+from eemo_jax import paths
 
 YES_NO, WHAT_HOW, OPEN_ENDED = "Yes-or-No", "What/How", "Open_ended"
 RANKING, ASSESSMENT, DOMINANT = "Ranking", "Assessment", "Dominant"
@@ -124,8 +125,7 @@ def load_items(path: str | os.PathLike) -> list[dict]:
   """A prediction file's raw items (a JSON list of objects), unchecked."""
   where = os.fspath(path)
   try:
-    with open(path, encoding="utf-8") as f:
-      items = json.load(f)
+    items = json.loads(paths.read_text(where))
   except (OSError, json.JSONDecodeError) as e:
     raise DatasetError(f"cannot read the prediction file {where}: {e}. Give a JSON list of items in the "
                        "EEmo-Bench leaderboard format") from e
@@ -176,9 +176,8 @@ def write_predictions(path: str | os.PathLike, predictions: PredictionFile | Seq
     model, predictions = model or predictions.model, predictions.items
   if not model:
     raise ValueError("write_predictions needs the model's name for the response(MODEL) keys: pass model=...")
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump([to_item(p, model) for p in predictions], f, ensure_ascii=False, indent=1)
-    f.write("\n")
+  paths.write_text(os.fspath(path), json.dumps([to_item(p, model) for p in predictions], ensure_ascii=False,
+                                               indent=1) + "\n")
 
 
 def to_item(prediction: Prediction, model: str) -> dict:

@@ -10,12 +10,12 @@ its own shards and a checkpoint can be restored onto a different mesh than it wa
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from eemo_jax import paths
 from eemo_jax.hf.load import abstract_model, read_config_file
 from eemo_jax.hf.safetensors_io import CheckpointError
 from eemo_jax.model.config import Qwen25VLConfig
@@ -31,34 +31,32 @@ def save_checkpoint(model, ckpt_dir: str) -> str:
   Every process must call this (Orbax writes each host's shards). Refuses to overwrite an
   existing checkpoint, so an import cannot silently replace trained weights.
   """
-  ckpt_dir = os.path.abspath(ckpt_dir)
-  params_dir = os.path.join(ckpt_dir, PARAMS)
+  ckpt_dir = paths.absolute(ckpt_dir)
+  params_dir = paths.join(ckpt_dir, PARAMS)
   check_new_checkpoint_dir(ckpt_dir)
-  os.makedirs(ckpt_dir, exist_ok=True)
+  paths.makedirs(ckpt_dir)
   params = nnx.state(model, nnx.Param).to_pure_dict()
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(params_dir, params)
     checkpointer.wait_until_finished()
   if jax.process_index() == 0:
-    with open(os.path.join(ckpt_dir, CONFIG), "w") as f:
-      json.dump(model.config.to_hf(), f, indent=2, sort_keys=True)
-      f.write("\n")
+    paths.write_text(paths.join(ckpt_dir, CONFIG), json.dumps(model.config.to_hf(), indent=2, sort_keys=True) + "\n")
   return params_dir
 
 
 def check_new_checkpoint_dir(ckpt_dir: str) -> None:
   """Refuses a folder that already holds a checkpoint, so an import cannot replace trained weights."""
-  ckpt_dir = os.path.abspath(ckpt_dir)
-  if os.path.exists(os.path.join(ckpt_dir, PARAMS)):
+  ckpt_dir = paths.absolute(ckpt_dir)
+  if paths.exists(paths.join(ckpt_dir, PARAMS)):
     raise CheckpointError(f"{ckpt_dir} already holds a checkpoint ({PARAMS}/); choose a new folder or "
                           "delete the old checkpoint first")
-  if os.path.lexists(ckpt_dir) and not os.path.isdir(ckpt_dir):
+  if paths.lexists(ckpt_dir) and not paths.isdir(ckpt_dir):
     raise CheckpointError(f"{ckpt_dir} exists and is not a folder; choose a new folder for the checkpoint")
 
 
 def read_checkpoint_config(ckpt_dir: str) -> Qwen25VLConfig:
-  path = os.path.join(ckpt_dir, CONFIG)
-  if not os.path.isdir(os.path.join(ckpt_dir, PARAMS)) or not os.path.isfile(path):
+  path = paths.join(ckpt_dir, CONFIG)
+  if not paths.isdir(paths.join(ckpt_dir, PARAMS)) or not paths.isfile(path):
     raise CheckpointError(f"{ckpt_dir} is not an EEmo-JAX checkpoint (it needs {PARAMS}/ and {CONFIG}); "
                           "create one with `eemo-jax import-hf HF_DIR CKPT_DIR`")
   return read_config_file(path)
@@ -66,7 +64,7 @@ def read_checkpoint_config(ckpt_dir: str) -> Qwen25VLConfig:
 
 def stored_dtype(ckpt_dir: str) -> str:
   """The dtype the parameters were saved in (that of the token embedding)."""
-  ckpt_dir = os.path.abspath(ckpt_dir)
+  ckpt_dir = paths.absolute(ckpt_dir)
   read_checkpoint_config(ckpt_dir)
   with ocp.StandardCheckpointer() as checkpointer:
     tree = _stored_tree(checkpointer, ckpt_dir)
@@ -85,14 +83,14 @@ def load_checkpoint(ckpt_dir: str, *, dtype="float32", param_dtype=None, mesh=No
   (argument, or the one set by `jax.set_mesh`) parameters are sharded by `rules`; without one
   they land on the first local device.
   """
-  ckpt_dir = os.path.abspath(ckpt_dir)
+  ckpt_dir = paths.absolute(ckpt_dir)
   config = read_checkpoint_config(ckpt_dir)
   model = abstract_model(config, dtype=dtype, param_dtype=param_dtype, **model_kwargs)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   if jax.tree.leaves(rest):
     raise AssertionError("Qwen25VL has non-parameter state; save_checkpoint/load_checkpoint must store it")
   target = _abstract_target(params, mesh if mesh is not None else current_mesh(), rules)
-  params_dir = os.path.join(ckpt_dir, PARAMS)
+  params_dir = paths.join(ckpt_dir, PARAMS)
   with ocp.StandardCheckpointer() as checkpointer:
     _check_tree(_stored_tree(checkpointer, ckpt_dir), target, ckpt_dir)
     try:
@@ -106,7 +104,7 @@ def load_checkpoint(ckpt_dir: str, *, dtype="float32", param_dtype=None, mesh=No
 def _stored_tree(checkpointer, ckpt_dir: str) -> dict:
   """The stored parameter tree (shapes and dtypes), or one line saying the checkpoint is damaged."""
   try:
-    metadata = checkpointer.metadata(os.path.join(ckpt_dir, PARAMS))
+    metadata = checkpointer.metadata(paths.join(ckpt_dir, PARAMS))
   except Exception as e:  # Orbax and tensorstore raise many types for a damaged checkpoint
     raise _damaged(ckpt_dir, e) from None
   tree = getattr(getattr(metadata, "item_metadata", None), "tree", None)

@@ -14,10 +14,10 @@ nothing. `export-hf --overwrite` replaces an existing export whole, once the new
 from __future__ import annotations
 
 import argparse
-import os
 import re
-import shutil
 import sys
+
+from eemo_jax import paths
 
 ASSETS = "hf_assets"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -107,14 +107,14 @@ def import_hf(hf_dir: str, ckpt_dir: str, *, dtype="float32", adapter: str | Non
     from eemo_jax.model.lora import merge_lora
     load_peft_adapter(model, adapter)
     merge_lora(model)
-  created = not os.path.exists(ckpt_dir)
+  created = not paths.exists(ckpt_dir)
   try:
     save_checkpoint(model, ckpt_dir)
     if jax.process_index() == 0:
-      keep_assets(hf_dir, os.path.join(ckpt_dir, ASSETS))
+      keep_assets(hf_dir, paths.join(ckpt_dir, ASSETS))
   except BaseException:
     if created and jax.process_index() == 0:
-      shutil.rmtree(ckpt_dir, ignore_errors=True)
+      paths.rmtree(ckpt_dir)
     raise
   print(f"imported {hf_dir}{f' + adapter {adapter}' if adapter else ''} -> {ckpt_dir}")
 
@@ -123,11 +123,11 @@ def keep_assets(source_dir: str, assets: str) -> None:
   """Copies the tokenizer / processor files and `generation_config.json` (sampling defaults, which an export
   copies back) of `source_dir` into the folder `assets`."""
   from eemo_jax.hf.save import copy_assets
-  os.makedirs(assets, exist_ok=True)
+  paths.makedirs(assets)
   copy_assets(source_dir, assets)
-  generation = os.path.join(source_dir, "generation_config.json")
-  if os.path.isfile(generation):
-    shutil.copyfile(generation, os.path.join(assets, "generation_config.json"))
+  generation = paths.join(source_dir, "generation_config.json")
+  if paths.isfile(generation):
+    paths.copy_file(generation, paths.join(assets, "generation_config.json"))
 
 
 def export_hf(ckpt_dir: str, out_dir: str, *, dtype=None, max_shard_bytes: int = 5 * 10**9,
@@ -141,13 +141,12 @@ def export_hf(ckpt_dir: str, out_dir: str, *, dtype=None, max_shard_bytes: int =
   from eemo_jax.hf.save import export_folder, write_hf
   from eemo_jax.hf.staging import ExportError, resolve_target
   read_checkpoint_config(ckpt_dir)
-  target, ckpt = resolve_target(out_dir), os.path.realpath(ckpt_dir)
-  if os.path.commonpath([target, ckpt]) == target:
+  if paths.inside(ckpt_dir, resolve_target(out_dir)):
     raise ExportError(f"{out_dir} holds the checkpoint {ckpt_dir} being exported; choose another OUT_DIR")
-  assets = os.path.join(ckpt_dir, ASSETS)
+  assets = paths.join(ckpt_dir, ASSETS)
   with export_folder(out_dir, overwrite=overwrite) as folder:
     model = _load_for_export(ckpt_dir, dtype)
-    names = write_hf(model, folder, source_dir=assets if os.path.isdir(assets) else None, dtype=dtype,
+    names = write_hf(model, folder, source_dir=assets if paths.isdir(assets) else None, dtype=dtype,
                      max_shard_bytes=max_shard_bytes)
   print(f"exported {ckpt_dir} -> {out_dir} ({len(names)} safetensors file{'s' * (len(names) != 1)})")
 
@@ -167,9 +166,8 @@ def export_run(run_dir: str, out_dir: str, *, step: int | None = None, dtype=Non
   from eemo_jax.train.saved_run import SavedRun
   run = SavedRun.open(run_dir)
   step = run.step(step)
-  target, run_path = resolve_target(out_dir), os.path.realpath(run.run_dir)
-  checkpoints = os.path.join(run_path, "checkpoints")
-  if os.path.commonpath([target, run_path]) == target or os.path.commonpath([target, checkpoints]) == checkpoints:
+  target = resolve_target(out_dir)
+  if paths.inside(run.run_dir, target) or paths.inside(target, paths.join(run.run_dir, "checkpoints")):
     raise ExportError(f"{out_dir} would replace the run {run_dir} or part of its checkpoints; choose another OUT_DIR")
   check_target(out_dir, overwrite=overwrite)
   mesh = make_mesh({"fsdp": -1})

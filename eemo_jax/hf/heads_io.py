@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +31,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from eemo_jax import paths
 from eemo_jax.hf.safetensors_io import CheckpointError
 from eemo_jax.model.heads import EmotionHead, HeadConfig
 from eemo_jax.parallel.sharding import DEFAULT_RULES, current_mesh, spec_for
@@ -85,24 +85,22 @@ def save_head(head: EmotionHead, folder: str) -> tuple[str, str]:
   for key in head_key_table(head.config):
     value = _to_host(params[key.path].get_value()).astype(np.float32)
     tensors[key.torch] = np.ascontiguousarray(value.T if key.transpose else value)
-  weights, config = os.path.join(folder, WEIGHTS), os.path.join(folder, CONFIG)
+  weights, config = paths.join(folder, WEIGHTS), paths.join(folder, CONFIG)
   if jax.process_index() == 0:
-    from safetensors.numpy import save_file
-    os.makedirs(folder, exist_ok=True)
-    save_file(tensors, weights, metadata={"format": "pt"})
-    with open(config, "w") as f:
-      json.dump({"format": FORMAT, "version": VERSION, "config": head.config.to_dict()}, f, indent=2)
-      f.write("\n")
+    from safetensors.numpy import save
+    paths.makedirs(folder)
+    paths.write_bytes(weights, save(tensors, metadata={"format": "pt"}))  # the head is small: bytes, to any path
+    paths.write_text(config, json.dumps({"format": FORMAT, "version": VERSION, "config": head.config.to_dict()},
+                                        indent=2) + "\n")
   return weights, config
 
 
 def read_head_config(folder: str) -> HeadConfig:
-  path = os.path.join(folder, CONFIG)
-  if not os.path.isfile(path):
+  path = paths.join(folder, CONFIG)
+  if not paths.isfile(path):
     raise CheckpointError(f"{folder} has no {CONFIG}; write the head with eemo_jax.hf.heads_io.save_head")
   try:
-    with open(path) as f:
-      data = json.load(f)
+    data = json.loads(paths.read_text(path))
   except ValueError as e:
     raise CheckpointError(f"{path} is not valid JSON: {e}") from None
   if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("config"), dict):
@@ -123,7 +121,7 @@ def load_head(folder: str, *, param_dtype=jnp.float32, rngs: nnx.Rngs | None = N
   `jax.set_mesh`) parameters are placed by `rules`.
   """
   config = read_head_config(folder)
-  tensors = _read_tensors(os.path.join(folder, WEIGHTS))
+  tensors = _read_tensors(paths.join(folder, WEIGHTS))
   table = head_key_table(config)
   expected = {k.torch for k in table}
   missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
@@ -148,12 +146,12 @@ def load_head(folder: str, *, param_dtype=jnp.float32, rngs: nnx.Rngs | None = N
 
 
 def _read_tensors(path: str) -> dict[str, np.ndarray]:
-  if not os.path.isfile(path):
+  if not paths.isfile(path):
     raise CheckpointError(f"{path} is missing; write the head with eemo_jax.hf.heads_io.save_head")
-  from safetensors import SafetensorError, safe_open
+  from safetensors import SafetensorError
+  from safetensors.flax import load  # the flax backend reads bfloat16 too
   try:
-    with safe_open(path, framework="flax") as f:  # the flax backend reads bfloat16 too
-      return {k: np.asarray(f.get_tensor(k), np.float32) for k in f.keys()}
+    return {k: np.asarray(v, np.float32) for k, v in load(paths.read_bytes(path)).items()}
   except (SafetensorError, OSError, ValueError) as e:
     raise CheckpointError(f"{path} is not a readable safetensors file ({e}); write it again with save_head") from None
 

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from eemo_jax import status
+from eemo_jax import paths, status
 from eemo_jax.hf.keys import KeyRule, canonical_key, key_table, num_layers
 from eemo_jax.hf.safetensors_io import CheckpointError, SafetensorsFolder, read_through
 from eemo_jax.model.config import Qwen25VLConfig
@@ -33,8 +33,8 @@ from eemo_jax.parallel.sharding import DEFAULT_RULES, current_mesh, state_shardi
 
 
 def read_config(folder: str) -> Qwen25VLConfig:
-  path = os.path.join(folder, "config.json")
-  if not os.path.exists(path):
+  path = paths.join(folder, "config.json")
+  if not paths.exists(path):
     raise CheckpointError(f"{folder} has no config.json; pass an HF model folder (config.json + *.safetensors)")
   return read_config_file(path)
 
@@ -42,8 +42,7 @@ def read_config(folder: str) -> Qwen25VLConfig:
 def read_config_file(path: str) -> Qwen25VLConfig:
   """An HF-style config file -> `Qwen25VLConfig`; any problem is one `CheckpointError` naming the file."""
   try:
-    with open(path, encoding="utf-8") as f:
-      data = json.load(f)
+    data = json.loads(paths.read_text(path))
   except ValueError as e:  # JSONDecodeError, or UnicodeDecodeError for a binary file
     raise CheckpointError(f"{path} is not valid JSON ({e}); fix or replace the file") from None
   try:

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
+import tempfile
 from collections.abc import Sequence
 
 import jax
@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from eemo_jax import paths
 from eemo_jax.hf.keys import LINEAR, KeyRule, canonical_key, key_table, num_layers
 from eemo_jax.hf.safetensors_io import CheckpointError, TensorSpec, read_entries, write_sharded
 from eemo_jax.hf.save import _to_host, export_folder
@@ -135,15 +136,14 @@ def _group_layers(model) -> dict[str, tuple[str, object, int | None]]:
 # ------------------------------------------------------------------------------------ reading
 def read_adapter_config(folder: str) -> AdapterConfig:
   """`adapter_config.json` of a PEFT LoRA folder; anything we cannot compute exactly is one error naming the field."""
-  path = os.path.join(folder, ADAPTER_CONFIG)
-  if not os.path.isdir(folder):
+  path = paths.join(folder, ADAPTER_CONFIG)
+  if not paths.isdir(folder):
     raise CheckpointError(f"{folder} is not a directory; pass a PEFT adapter folder (adapter_config.json + "
                           f"{ADAPTER_WEIGHTS})")
-  if not os.path.isfile(path):
+  if not paths.isfile(path):
     raise CheckpointError(f"{folder} has no {ADAPTER_CONFIG}; pass the folder PeftModel.save_pretrained wrote")
   try:
-    with open(path, encoding="utf-8") as f:
-      data = json.load(f)
+    data = json.loads(paths.read_text(path))
   except ValueError as e:
     raise CheckpointError(f"{path} is not valid JSON ({e}); fix or replace the file") from None
   if not isinstance(data, dict):
@@ -194,12 +194,16 @@ def _names(path: str, field: str, value, *, required=False, regex=True) -> str |
 
 def read_adapter_weights(folder: str) -> dict[str, np.ndarray]:
   """`adapter_model.safetensors` as {key without `base_model.model.`: array}, validated like any safetensors file."""
-  path = os.path.join(folder, ADAPTER_WEIGHTS)
-  if not os.path.isfile(path):
-    pickle = os.path.isfile(os.path.join(folder, "adapter_model.bin"))
+  path = paths.join(folder, ADAPTER_WEIGHTS)
+  if not paths.isfile(path):
+    pickle = paths.isfile(paths.join(folder, "adapter_model.bin"))
     raise CheckpointError(f"{folder} has no {ADAPTER_WEIGHTS}" + (
         " (only adapter_model.bin, a PyTorch pickle, which EEmo-JAX does not read because pickles can run code); "
         "re-save it with PeftModel.save_pretrained(dir, safe_serialization=True)" if pickle else ""))
+  if paths.is_url(path):  # read_entries checks a local file: the adapter (small) is read from a local copy
+    with tempfile.TemporaryDirectory(prefix="eemo-jax-adapter-") as local:
+      paths.download(folder, local, [ADAPTER_WEIGHTS])
+      return read_adapter_weights(local)  # np.fromfile copies the tensors out before the folder goes
   out = {}
   for key, entry in read_entries(path).items():
     if not key.startswith(PREFIX):
@@ -220,7 +224,7 @@ def load_peft_adapter(model, folder: str, *, rngs: nnx.Rngs | None = None, mesh=
   """
   adapter = read_adapter_config(folder)
   weights = read_adapter_weights(folder)
-  where = os.path.join(folder, ADAPTER_WEIGHTS)
+  where = paths.join(folder, ADAPTER_WEIGHTS)
   factors, full = _split_keys(weights, where)
   new_names = any(k.startswith(_TRANSFORMERS5) for k in weights) or not weights
   config: Qwen25VLConfig = model.config
@@ -409,10 +413,9 @@ def write_peft_adapter(model, out: str, *, base_model_name_or_path: str | None =
   if jax.process_index() == 0:
     specs = [TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in tensors]
     (written,) = write_sharded(out, specs, tensors, max_shard_bytes=2**62, metadata={"format": "pt"})
-    os.replace(os.path.join(out, written), os.path.join(out, ADAPTER_WEIGHTS))  # PEFT reads one file of this name
-    with open(os.path.join(out, ADAPTER_CONFIG), "w") as f:
-      json.dump(adapter_config, f, indent=2, sort_keys=True)
-      f.write("\n")
+    # PEFT reads one file of this name (in a bucket the move is a copy and a delete, inside the staged folder)
+    paths.move(paths.join(out, written), paths.join(out, ADAPTER_WEIGHTS))
+    paths.write_text(paths.join(out, ADAPTER_CONFIG), json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
   return names
 
 

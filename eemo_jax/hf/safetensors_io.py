@@ -10,6 +10,10 @@ tensors whose byte ranges are non-negative, match their dtype and shape, and til
 from its first byte to the end of the file with no gap, overlap or trailing byte. Anything else is
 a damaged or hostile file and is refused with the file and tensor named, before any byte is read as
 a weight.
+
+A folder in a bucket (`gs://...`) cannot be memory-mapped: `SafetensorsFolder` first copies its weight files
+into a local temporary folder (removed with the object), so the host needs that much free local disk.
+Writing goes through `eemo_jax.paths` and streams to a bucket as to a local file.
 """
 
 from __future__ import annotations
@@ -21,11 +25,14 @@ import math
 import os
 import shutil
 import struct
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from typing import NamedTuple
 
 import ml_dtypes
 import numpy as np
+
+from eemo_jax import paths
 
 _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -165,9 +172,13 @@ class SafetensorsFolder:
 
   def __init__(self, folder: str):
     self.folder = folder
-    self.files = _weight_files(folder)  # the weight files, in the order transformers reads them
+    files = _weight_files(folder)
+    if paths.is_url(folder):  # memory maps need local files: a copy that lives as long as this object
+      self._local = tempfile.TemporaryDirectory(prefix="eemo-jax-weights-")
+      files = paths.download(folder, self._local.name, [f[len(folder.rstrip("/")) + 1:] for f in files])
+    self.files = files  # the (local) weight files, in the order transformers reads them
     self._entries: dict[str, TensorEntry] = {}
-    for path in self.files:
+    for path in files:
       for key, entry in read_entries(path).items():
         if key in self._entries:
           first = os.path.basename(self._entries[key].path)
@@ -207,17 +218,17 @@ def read_through(path: str, chunk_bytes: int = 64 * 2**20) -> None:
 
 
 def _weight_files(folder: str) -> list[str]:
-  if not os.path.isdir(folder):
+  if not paths.isdir(folder):
     raise CheckpointError(f"{folder} is not a directory; pass the folder that holds config.json and *.safetensors")
-  names = os.listdir(folder)
+  names = paths.listdir(folder)
   pickles = [n for n in names if n.endswith((".bin", ".pt", ".pth", ".ckpt"))]
-  index = os.path.join(folder, INDEX)
-  if os.path.exists(index):
+  index = paths.join(folder, INDEX)
+  if INDEX in names and paths.exists(index):
     shards = _index_shards(folder, index)
-    missing = [s for s in shards if not os.path.exists(os.path.join(folder, s))]
+    missing = [s for s in shards if not paths.exists(paths.join(folder, s))]
     if missing:
       raise CheckpointError(f"{folder}: shards {missing} listed in {INDEX} are missing")
-    return [os.path.join(folder, s) for s in shards]
+    return [paths.join(folder, s) for s in shards]
   # Without an index transformers reads model.safetensors only; other safetensors files beside it
   # (e.g. emotion_head.safetensors, adapters) are not the backbone's.
   files = sorted(n for n in names if n.startswith("model") and n.endswith(".safetensors"))
@@ -228,7 +239,7 @@ def _weight_files(folder: str) -> list[str]:
                             "`Model.from_pretrained(dir).save_pretrained(out_dir)`.")
     raise CheckpointError(f"{folder} holds no model*.safetensors weights; pass an HF model folder (config.json + "
                           "model.safetensors, or model-*-of-*.safetensors with model.safetensors.index.json)")
-  return [os.path.join(folder, n) for n in files]
+  return [paths.join(folder, n) for n in files]
 
 
 def _index_shards(folder: str, index: str) -> list[str]:
@@ -238,8 +249,7 @@ def _index_shards(folder: str, index: str) -> list[str]:
   snapshot into its blob store) is read wherever it points, as transformers reads it.
   """
   try:
-    with open(index, encoding="utf-8") as f:
-      data = json.load(f)
+    data = json.loads(paths.read_text(index))
   except ValueError as e:
     raise CheckpointError(f"{index} is not valid JSON ({e}); copy or download it again") from None
   weight_map = data.get("weight_map") if isinstance(data, dict) else None
@@ -291,17 +301,17 @@ def write_sharded(folder: str, specs: Sequence[TensorSpec], tensors: Iterable[tu
   path = folder
   try:
     for name, header, shard in zip(names, headers, shards):
-      path = os.path.join(folder, name)
-      with open(path, "wb") as f:
+      path = paths.join(folder, name)
+      with paths.open_file(path, "wb") as f:
         f.write(struct.pack("<Q", len(header)))
         f.write(header)
         for spec in shard:
           f.write(_bytes_of(spec, *next(arrays)))
     if total > 1:
-      path = os.path.join(folder, INDEX)
+      path = paths.join(folder, INDEX)
       weight_map = {spec.key: name for name, shard in zip(names, shards) for spec in shard}
-      with open(path, "w") as f:
-        json.dump({"metadata": {"total_size": sum(s.nbytes for s in specs)}, "weight_map": weight_map}, f, indent=2)
+      paths.write_text(path, json.dumps({"metadata": {"total_size": sum(s.nbytes for s in specs)},
+                                         "weight_map": weight_map}, indent=2))
   except OSError as e:
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
       free = shutil.disk_usage(folder).free

@@ -15,8 +15,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import os
-import shutil
 from collections.abc import Iterator
 
 import jax
@@ -24,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from eemo_jax import paths
 from eemo_jax.hf.keys import KeyRule, key_table, num_layers
 from eemo_jax.hf.safetensors_io import TensorSpec, write_sharded
 from eemo_jax.hf.staging import ExportError, check_target, staged_folder
@@ -116,7 +115,7 @@ def write_hf(model, folder: str, *, source_dir: str | None = None, dtype=None,
     return []
   names = write_sharded(folder, hf_layout(config, params, out_dtype), tensors, max_shard_bytes=max_shard_bytes,
                         metadata={"format": "pt"})
-  _write_json(os.path.join(folder, "config.json"), hf_config_dict(config, out_dtype))
+  _write_json(paths.join(folder, "config.json"), hf_config_dict(config, out_dtype))
   _write_generation_config(config, folder, source_dir)
   copy_assets(source_dir, folder)
   return names
@@ -205,33 +204,32 @@ def generation_config_dict(config: Qwen25VLConfig) -> dict:
 
 def _write_generation_config(config: Qwen25VLConfig, out_dir: str, source_dir: str | None) -> None:
   """Copies the source's generation config (it holds sampling defaults), or derives one."""
-  source = os.path.join(source_dir, "generation_config.json") if source_dir else None
-  if source and os.path.isfile(source):
-    _copy(source, os.path.join(out_dir, "generation_config.json"))
+  source = paths.join(source_dir, "generation_config.json") if source_dir else None
+  if source and paths.isfile(source):
+    _copy(source, paths.join(out_dir, "generation_config.json"))
   else:
-    _write_json(os.path.join(out_dir, "generation_config.json"), generation_config_dict(config))
+    _write_json(paths.join(out_dir, "generation_config.json"), generation_config_dict(config))
 
 
 def copy_assets(source_dir: str | None, out_dir: str) -> list[str]:
   """Copies the tokenizer / processor files present in `source_dir`; returns their names."""
   if not source_dir:
     return []
-  if not os.path.isdir(source_dir):
+  if not paths.isdir(source_dir):
     raise ValueError(f"source_dir {source_dir} is not a directory; pass the HF folder the model came from")
   copied = []
+  present = set(paths.listdir(source_dir))  # one listing, not a request per name in a bucket
   for name in ASSET_FILES:
-    src = os.path.join(source_dir, name)
-    if os.path.isfile(src):
-      _copy(src, os.path.join(out_dir, name))
+    src = paths.join(source_dir, name)
+    if name in present and paths.isfile(src):
+      _copy(src, paths.join(out_dir, name))
       copied.append(name)
   return copied
 
 
 def _copy(src: str, dst: str) -> None:
-  shutil.copyfile(src, dst)  # into a fresh folder: never onto the source, never through a symlink
+  paths.copy_file(src, dst)  # into a fresh folder: never onto the source, never through a symlink
 
 
 def _write_json(path: str, data: dict) -> None:
-  with open(path, "w") as f:
-    json.dump(data, f, indent=2, sort_keys=True)
-    f.write("\n")
+  paths.write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")

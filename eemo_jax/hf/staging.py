@@ -18,7 +18,14 @@ Where it is missing (other systems, NFS) the old export is renamed aside (`.NAME
 new one renamed in: a kill between those two renames leaves no `target`, and the old export intact
 under the `.replaced-*` name (never removed automatically).
 
-All file-system calls are in the small helpers at the end, to be swapped for `etils.epath` ones.
+A bucket (`gs://...`, see `eemo_jax.paths`) has no folders to rename, so there the export is written to
+the same `.NAME.partial-XXXX` prefix and then copied into `target` object by object (a copy inside the
+store), the weights first and `config.json` last, after the old export's `config.json` was deleted first and
+the rest of it then (`adapter_config.json` likewise for a PEFT adapter). `config.json` is what makes a folder
+an HF model (nothing loads one without it), so while the copy runs `target` holds no model that claims to be
+complete, and a process killed then leaves `target` without a `config.json` (an export to rerun) and the
+complete new export under the `.partial-*` prefix. That is the closest a bucket allows to a swap: it has no
+atomic rename, only atomic single objects.
 """
 
 from __future__ import annotations
@@ -33,8 +40,12 @@ import sys
 import uuid
 from collections.abc import Iterator
 
+from eemo_jax import paths
+
 PARTIAL = ".partial-"
 REPLACED = ".replaced-"
+# The files whose presence makes a folder a loadable model (transformers) or adapter (PEFT).
+MARKERS = ("config.json", "adapter_config.json")
 
 
 class ExportError(ValueError):
@@ -52,6 +63,10 @@ def staged_folder(target: str, *, overwrite: bool = False, writer: bool = True) 
   target = resolve_target(target)
   if not writer:
     yield _partial_path(target)
+    return
+  if paths.is_url(target):
+    with _staged_in_bucket(target, overwrite=overwrite) as tmp:
+      yield tmp
     return
   check_target(target, overwrite=overwrite)
   created = _make_parents(os.path.dirname(target))
@@ -78,6 +93,9 @@ def staged_folder(target: str, *, overwrite: bool = False, writer: bool = True) 
 
 def resolve_target(target: str) -> str:
   """The absolute path that will be replaced: a symlink to a folder is followed, other links are not."""
+  if paths.is_url(target):
+    paths.check_usable(target)
+    return str(target).rstrip("/")
   target = os.path.abspath(target)
   if os.path.islink(target) and os.path.isdir(target):
     target = os.path.realpath(target)
@@ -87,11 +105,11 @@ def resolve_target(target: str) -> str:
 def check_target(target: str, *, overwrite: bool = False) -> None:
   """Raises `ExportError` unless an export may be put at `target` (absent, empty, or an export to overwrite)."""
   target = resolve_target(target)
-  if os.path.dirname(target) == target:
+  if paths.is_root(target):
     raise ExportError(f"cannot export to {target}, the root of the file system; choose a folder below it")
-  if os.path.lexists(target) and not os.path.isdir(target):
+  if paths.lexists(target) and not paths.isdir(target):
     raise ExportError(f"{target} exists and is not a folder; choose a folder path for the export")
-  names = _listdir(target) if os.path.isdir(target) else []
+  names = _listdir(target) if paths.isdir(target) else []
   if not names:
     return
   if not overwrite:
@@ -121,13 +139,34 @@ def _put_in_place(tmp: str, target: str) -> str | None:
   return aside
 
 
+@contextlib.contextmanager
+def _staged_in_bucket(target: str, *, overwrite: bool) -> Iterator[str]:
+  """`staged_folder` for a bucket URL: see the module docstring for what a kill can leave."""
+  check_target(target, overwrite=overwrite)
+  tmp = _partial_path(target)
+  try:
+    _remove_leftovers(target)
+    yield tmp
+  except BaseException:
+    paths.rmtree(tmp)
+    raise
+  names = paths.files_under(tmp)
+  for marker in MARKERS:  # what makes a folder a model: gone first, back last
+    paths.remove(paths.join(target, marker))
+  paths.rmtree(target)
+  for name in sorted(names, key=lambda n: (n in MARKERS, not n.endswith(".safetensors"), n)):
+    paths.copy_file(paths.join(tmp, name), paths.join(target, name))
+  paths.rmtree(tmp)
+
+
 # --------------------------------------------------------------------------------- file-system calls
 def _partial_path(target: str) -> str:
-  return os.path.join(os.path.dirname(target), f".{os.path.basename(target)}{PARTIAL}{uuid.uuid4().hex[:12]}")
+  return paths.join(paths.dirname(target), f".{paths.basename(target)}{PARTIAL}{uuid.uuid4().hex[:12]}")
 
 
 def _listdir(path: str) -> list[str]:
-  return os.listdir(path)
+  return paths.listdir(path)
+
 
 
 def _make_parents(folder: str) -> list[str]:
@@ -149,7 +188,12 @@ def _remove_empty_dirs(paths: list[str]) -> None:
 
 def _remove_leftovers(target: str) -> None:
   """Removes the temporary folders of exports to `target` that were killed."""
-  parent, prefix = os.path.dirname(target), f".{os.path.basename(target)}{PARTIAL}"
+  parent, prefix = paths.dirname(target), f".{paths.basename(target)}{PARTIAL}"
+  if paths.is_url(target):  # in a bucket a missing parent is just an empty prefix
+    for name in (_listdir(parent) if paths.isdir(parent) else []):
+      if name.startswith(prefix):
+        paths.rmtree(paths.join(parent, name))
+    return
   for name in _listdir(parent):
     if name.startswith(prefix):
       _remove_tree(os.path.join(parent, name))

@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 
@@ -241,6 +240,7 @@ def grpo(config, *, tokenizer=None, train_source=None, eval_source=None, progres
   announce_process()  # every process: its index and devices, once
   t = config.train
   run_dir = paths.absolute(t.run_dir)
+  paths.check_all(config, "train.run_dir", "train.export_dir", "data.data_dir", "data.tokenizer_dir", "model.hf_dir")
   is_main = jax.process_index() == 0
   settings = grpo_settings(config)
   loss_cfg = loss_settings(config, settings)
@@ -316,7 +316,8 @@ def grpo(config, *, tokenizer=None, train_source=None, eval_source=None, progres
       engine = Engine(config, settings, loss_cfg, reference, graphdef, state, optimizer, trainable, schedule,
                        mesh, rules, tokenizer, arch)
       writer = MetricsWriter(run_dir, enabled=is_main)
-      samples = open(os.path.join(run_dir, SAMPLES_FILE), "a") if is_main and settings.sample_every else None
+      samples = (paths.AppendedFile(paths.join(run_dir, SAMPLES_FILE)) if is_main and settings.sample_every
+                 else None)
       progress = ProgressLine(total_steps, stream=main_process_stream(progress_stream), every=t.log_every)
       announce_start(progress, run_dir, start, resumed_from, restore_warnings, config_check)
       for line in init_lines:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
 import time
 from typing import Any
 
@@ -88,7 +87,7 @@ class RunCheckpoints:
   def __init__(self, run_dir: str, *, save_every: int, keep: int = 3, async_save: bool = True,
                clean_up: bool = False):
     self.run_dir = paths.absolute(run_dir)  # Orbax takes absolute paths only
-    self.directory = os.path.join(self.run_dir, "checkpoints")
+    self.directory = paths.join(self.run_dir, "checkpoints")
     self.save_every = max(1, int(save_every))
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
                                            cleanup_tmp_directories=clean_up)
@@ -99,7 +98,7 @@ class RunCheckpoints:
   @staticmethod
   def present(run_dir: str) -> bool:
     """Whether the run directory has a checkpoint folder (complete checkpoints or not), without creating one."""
-    return os.path.isdir(os.path.join(paths.absolute(run_dir), "checkpoints"))
+    return paths.isdir(paths.join(paths.absolute(run_dir), "checkpoints"))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -199,7 +198,7 @@ class RunCheckpoints:
         raise
       except Exception as error:  # damage shows as any of Orbax's, tensorstore's or Grain's errors
         failures.append((step, error))
-        _quiet_abandoned_reads(os.path.join(self.directory, str(step)))
+        _quiet_abandoned_reads(paths.join(self.directory, str(step)))
         continue
       warnings = [self._move_aside(bad, error, restored_step=step) for bad, error in failures]
       if failures:
@@ -257,10 +256,10 @@ class RunCheckpoints:
           "train.run_dir from its weights (model.init_from)")
 
   def _move_aside(self, step: int, error: BaseException, *, restored_step: int) -> str:
-    aside = os.path.join(self.run_dir, "damaged_checkpoints", f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+    aside = paths.join(self.run_dir, "damaged_checkpoints", f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
     if jax.process_index() == 0:
-      os.makedirs(os.path.dirname(aside), exist_ok=True)
-      shutil.move(os.path.join(self.directory, str(step)), aside)
+      paths.makedirs(paths.dirname(aside))
+      paths.move(paths.join(self.directory, str(step)), aside)  # in a bucket: a copy, then a delete
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices(f"eemo_jax_checkpoint_aside_{step}")

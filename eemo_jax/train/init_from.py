@@ -24,7 +24,6 @@ the demo read); a config may set one of the two, not both.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import os
 
 from flax import nnx
@@ -81,25 +80,26 @@ def locate(path: str) -> Source:
   if named is not None:
     run = SavedRun.open(named[0])
     return Source("run", run.run_dir, run.arch, run.tokenizer_dir, run=run, step=run.step(named[1]))
-  if not os.path.exists(path):
+  if not paths.exists(path):
     raise ConfigError(f"{path} does not exist; expected {EXPECTED}")
-  if not os.path.isdir(path):
+  if not paths.isdir(path):
     raise ConfigError(f"{path} is not a folder; expected {EXPECTED}")
-  if os.path.isdir(os.path.join(path, PARAMS)) and os.path.isfile(os.path.join(path, CHECKPOINT_CONFIG)):
-    assets = os.path.join(path, ASSETS)
-    return Source("checkpoint", path, read_checkpoint_config(path), assets if os.path.isdir(assets) else "")
+  if paths.isdir(paths.join(path, PARAMS)) and paths.isfile(paths.join(path, CHECKPOINT_CONFIG)):
+    assets = paths.join(path, ASSETS)
+    return Source("checkpoint", path, read_checkpoint_config(path), assets if paths.isdir(assets) else "")
   if is_run_dir(path):
     run = SavedRun.open(path)
     return Source("run", run.run_dir, run.arch, run.tokenizer_dir, run=run, step=run.step())
-  if os.path.isfile(os.path.join(path, "config.json")) and glob.glob(os.path.join(path, "*.safetensors")):
+  if paths.isfile(paths.join(path, "config.json")) and any(n.endswith(".safetensors") for n in paths.listdir(path)):
     return Source("hf", path, read_config(path), path)
   raise ConfigError(f"{path} is none of the folders a run starts from: {EXPECTED}")
 
 
 def _named_step(path: str) -> tuple[str, int] | None:
   """(run directory, N) for `RUN_DIR/checkpoints/N`, whether or not that step exists."""
-  parent, name = os.path.split(os.path.normpath(path))
-  run_dir, folder = os.path.split(parent)
+  path = str(path).rstrip("/") if paths.is_url(path) else os.path.normpath(path)
+  parent, name = paths.dirname(path), paths.basename(path)
+  run_dir, folder = paths.dirname(parent), paths.basename(parent)
   if folder == "checkpoints" and name.isdigit() and is_run_dir(run_dir):
     return run_dir, int(name)
   return None
@@ -126,7 +126,7 @@ def initial_model(source: Source, config, arch: Qwen25VLConfig, head_cfg, *, mes
     from eemo_jax.hf.heads_io import WEIGHTS, load_head
     from eemo_jax.hf.load import load_hf
     backbone = load_hf(source.path, **settings)
-    if os.path.isfile(os.path.join(source.path, WEIGHTS)):  # an export of a run with a head
+    if paths.isfile(paths.join(source.path, WEIGHTS)):  # an export of a run with a head
       source_head = load_head(source.path, mesh=mesh, rules=rules)
   model = build_model(config, arch, head_cfg, backbone=backbone, mesh=mesh)
   lines = [f"starting from {source.describe()}" + (", its LoRA adapters merged into the weights" if merged else "")]

@@ -3,6 +3,11 @@
 The TensorBoard writer encodes the few protobuf fields of `Event` / `Summary` by hand (scalars
 only) and frames them as TFRecords, so writing needs neither TensorFlow nor the tensorboard package;
 TensorBoard reads the files as usual. Only JAX process 0 writes.
+
+The writer is our own rather than a maintained one because none writes to a bucket without TensorFlow
+(tensorboard's and flax's writers go through `tf.io.gfile`, tensorboardX has no gs://): its events are plain
+bytes, so they go through the project's path layer (`eemo_jax.paths.AppendedFile`) like metrics.jsonl, to a
+local folder or a bucket alike.
 """
 
 from __future__ import annotations
@@ -10,12 +15,13 @@ from __future__ import annotations
 import collections
 import json
 import math
-import os
 import socket
 import struct
 import sys
 import time
 from collections.abc import Mapping
+
+from eemo_jax import paths
 
 # --------------------------------------------------------------------------------------------------
 # TFRecord framing (masked CRC32-C) and the protobuf fields of a scalar Event
@@ -91,17 +97,15 @@ class TensorBoardWriter:
   """Appends scalar summaries to `<logdir>/events.out.tfevents.<time>.<host>`."""
 
   def __init__(self, logdir: str):
-    os.makedirs(logdir, exist_ok=True)
+    paths.makedirs(logdir)
     now = time.time()
-    self.path = os.path.join(logdir, f"events.out.tfevents.{int(now)}.{socket.gethostname()}")
-    self._file = open(self.path, "ab")
+    self.path = paths.join(logdir, f"events.out.tfevents.{int(now)}.{socket.gethostname()}")
+    self._file = paths.AppendedFile(self.path, binary=True)
     self._file.write(tfrecord(version_event(now)))
-    self._file.flush()
 
   def scalars(self, step: int, values: Mapping[str, float]) -> None:
     if values:
       self._file.write(tfrecord(scalar_event(step, values, time.time())))
-      self._file.flush()
 
   def close(self) -> None:
     self._file.close()
@@ -123,17 +127,16 @@ class MetricsWriter:
     self.enabled = enabled
     if not enabled:
       return
-    os.makedirs(run_dir, exist_ok=True)
-    self.jsonl_path = os.path.join(run_dir, "metrics.jsonl")
-    self._jsonl = open(self.jsonl_path, "a")
-    self._tb = TensorBoardWriter(os.path.join(run_dir, "tensorboard"))
+    paths.makedirs(run_dir)
+    self.jsonl_path = paths.join(run_dir, "metrics.jsonl")
+    self._jsonl = paths.AppendedFile(self.jsonl_path)
+    self._tb = TensorBoardWriter(paths.join(run_dir, "tensorboard"))
 
   def write(self, step: int, metrics: Mapping[str, float], split: str = "train") -> None:
     if not self.enabled:
       return
     clean = {k: _plain(v) for k, v in metrics.items()}
     self._jsonl.write(json.dumps({"step": int(step), "split": split, **clean}) + "\n")
-    self._jsonl.flush()
     numbers = {k: v for k, v in clean.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     self._tb.scalars(step, {f"{split}/{k}": v for k, v in numbers.items()})
 

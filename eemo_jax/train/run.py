@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 
@@ -62,7 +61,7 @@ def model_config(config, tokenizer) -> Qwen25VLConfig:
   (a randomly initialised preset must agree with the tokenizer it will be fed)."""
   if config.model.hf_dir:
     from eemo_jax.hf.load import read_config
-    if not os.path.isdir(config.model.hf_dir):
+    if not paths.isdir(config.model.hf_dir):
       raise ConfigError(f"model.hf_dir {config.model.hf_dir} does not exist; point it at a local Qwen2.5-VL folder "
                         "(config.json + *.safetensors), or leave it empty to start from model.preset")
     return read_config(config.model.hf_dir)
@@ -270,6 +269,7 @@ def train(config, *, tokenizer=None, train_source=None, eval_source=None, progre
   t = config.train
   run_dir = paths.absolute(t.run_dir)
   is_main = jax.process_index() == 0
+  paths.check_all(config, "train.run_dir", "train.export_dir", "data.data_dir", "data.tokenizer_dir", "model.hf_dir")
 
   source = init_from.resolve(config)  # model.init_from, checked; None without one
   tokenizer_dir = paths.absolute(config.data.tokenizer_dir or (source.tokenizer_dir if source else
@@ -440,7 +440,7 @@ def load_run_tokenizer(folder: str):
   from data_pipeline.tokenizer import load_tokenizer
   if not folder:
     raise ConfigError("no tokenizer: set data.tokenizer_dir (or model.hf_dir, whose tokenizer is used)")
-  if not os.path.isdir(folder):
+  if not paths.isdir(folder):
     raise ConfigError(f"the tokenizer folder {folder} does not exist; set data.tokenizer_dir (or model.hf_dir) to a "
                       "folder with tokenizer.json: a Qwen2.5-VL checkpoint, or the one `eemo-jax demo` builds")
   try:
@@ -448,7 +448,7 @@ def load_run_tokenizer(folder: str):
   except FileNotFoundError as error:
     raise ConfigError(str(error)) from None
   except Exception as error:  # tokenizers raises its own exception types for a damaged file
-    raise ConfigError(f"{os.path.join(folder, 'tokenizer.json')} cannot be read ({type(error).__name__}: "
+    raise ConfigError(f"{paths.join(folder, 'tokenizer.json')} cannot be read ({type(error).__name__}: "
                       f"{error}); point data.tokenizer_dir at a folder with a valid tokenizer.json") from None
 
 
@@ -520,12 +520,11 @@ EXPORTS_FILE = "exports.json"  # in the run directory: the export folders this r
 
 
 def _exports_of(run_dir: str) -> list[str]:
-  path = os.path.join(run_dir, EXPORTS_FILE)
-  if not os.path.isfile(path):
+  path = paths.join(run_dir, EXPORTS_FILE)
+  if not paths.isfile(path):
     return []
   try:
-    with open(path) as f:
-      return list(json.load(f))
+    return list(json.loads(paths.read_text(path)))
   except (OSError, ValueError, TypeError):
     return []
 
@@ -575,5 +574,5 @@ def export(config, graphdef, state, tokenizer_dir: str, out_dir: str, *, run_dir
     if model.head is not None:
       save_head(model.head, folder)
   if run_dir is not None and jax.process_index() == 0 and out_dir not in _exports_of(run_dir):
-    run_record.write_json(os.path.join(run_dir, EXPORTS_FILE), _exports_of(run_dir) + [out_dir])
+    run_record.write_json(paths.join(run_dir, EXPORTS_FILE), _exports_of(run_dir) + [out_dir])
   return out_dir

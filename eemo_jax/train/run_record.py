@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 
+from eemo_jax import paths
 from eemo_jax.config import ConfigError
 
 CONFIG_FILE = "config.json"
@@ -60,12 +60,11 @@ def config_changes(recorded: dict, current: dict) -> dict[str, tuple[object, obj
 
 
 def read_recorded(run_dir: str) -> dict | None:
-  path = os.path.join(run_dir, CONFIG_FILE)
-  if not os.path.isfile(path):
+  path = paths.join(run_dir, CONFIG_FILE)
+  if not paths.isfile(path):
     return None
   try:
-    with open(path) as f:
-      recorded = json.load(f)
+    recorded = json.loads(paths.read_text(path))
   except (OSError, ValueError) as error:
     raise ConfigError(f"{path} cannot be read ({error}); it records the config of the run's checkpoints. Restore "
                       "it, or delete it to resume without the check") from None
@@ -100,7 +99,7 @@ def check_config(config, run_dir: str, *, resuming_from: int | None) -> ConfigCh
     listed = ", ".join(f"{k} ({_show(changes[k][0])} -> {_show(changes[k][1])})" for k in guarded)
     raise ConfigError(f"resuming {run_dir} from checkpoint {resuming_from} with a config that changes what the run "
                       f"computes: {listed}. Use the values it was started with (recorded in "
-                      f"{os.path.join(run_dir, CONFIG_FILE)}), a new train.run_dir for a new run, or "
+                      f"{paths.join(run_dir, CONFIG_FILE)}), a new train.run_dir for a new run, or "
                       f"--config.train.allow_config_changes=true to continue with the changes (they are recorded in "
                       f"{CHANGES_FILE})")
   return ConfigCheck(changes, guarded)
@@ -108,28 +107,22 @@ def check_config(config, run_dir: str, *, resuming_from: int | None) -> ConfigCh
 
 def write_config(config, run_dir: str, check: ConfigCheck, *, step: int | None) -> None:
   """Writes `config.json` (atomically) and appends the changes made at `step` to the change log."""
-  os.makedirs(run_dir, exist_ok=True)
+  paths.makedirs(run_dir)
   if check.changes:
     row = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
            "changes": {k: {"from": a, "to": b, "guarded": k in check.guarded} for k, (a, b) in check.changes.items()}}
-    with open(os.path.join(run_dir, CHANGES_FILE), "a") as f:
-      f.write(json.dumps(row) + "\n")
-  _write_atomically(os.path.join(run_dir, CONFIG_FILE), config.to_json_best_effort(indent=2))
+    changes = paths.AppendedFile(paths.join(run_dir, CHANGES_FILE))
+    changes.write(json.dumps(row) + "\n")
+    changes.close()
+  paths.replace_file(paths.join(run_dir, CONFIG_FILE), config.to_json_best_effort(indent=2))
 
 
 def write_json(path: str, value) -> None:
   """A small JSON record of the run, replaced atomically."""
-  _write_atomically(path, json.dumps(value, indent=2))
+  paths.replace_file(path, json.dumps(value, indent=2))
 
 
 def _show(value) -> str:
   text = json.dumps(value)
   return text if len(text) <= 60 else text[:57] + "..."
 
-
-def _write_atomically(path: str, text: str) -> None:
-  """A kill while writing leaves the previous file, never half of one."""
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 
 import jax
 import ml_collections
@@ -43,20 +42,19 @@ HOW_IT_COMPUTES = ("dtype", "param_dtype", "remat", "attention")
 def record_model(run_dir: str, arch: Qwen25VLConfig, tokenizer_dir: str | None) -> None:
   """Writes the run's `hf_assets/` (the tokenizer folder's files) and then `model_config.json`, which marks the
   record complete. Once, when the run starts (process 0, after its inputs are checked): a resume keeps it."""
-  if os.path.isfile(os.path.join(run_dir, MODEL_CONFIG)):
+  if paths.isfile(paths.join(run_dir, MODEL_CONFIG)):
     return
-  if tokenizer_dir and os.path.isdir(tokenizer_dir):
-    keep_assets(tokenizer_dir, os.path.join(run_dir, ASSETS))
-  run_record.write_json(os.path.join(run_dir, MODEL_CONFIG), arch.to_hf())
+  if tokenizer_dir and paths.isdir(tokenizer_dir):
+    keep_assets(tokenizer_dir, paths.join(run_dir, ASSETS))
+  run_record.write_json(paths.join(run_dir, MODEL_CONFIG), arch.to_hf())
 
 
 def is_run_dir(path: str) -> bool:
   """A folder with `checkpoints/`, or whose config.json is a run's (it has `model` and `train` sections)."""
-  if os.path.isdir(os.path.join(path, "checkpoints")):
+  if paths.isdir(paths.join(path, "checkpoints")):
     return True
   try:
-    with open(os.path.join(path, run_record.CONFIG_FILE)) as f:
-      recorded = json.load(f)
+    recorded = json.loads(paths.read_text(paths.join(path, run_record.CONFIG_FILE)))
   except (OSError, ValueError):
     return False
   return isinstance(recorded, dict) and {"model", "train"} <= set(recorded)
@@ -176,9 +174,9 @@ def _complete_steps(run_dir: str) -> list[int]:
 
 def _recorded_model(run_dir: str, config: ml_collections.ConfigDict) -> tuple[Qwen25VLConfig, str]:
   """(architecture, tokenizer folder) from the run's record, or from the folders its config names."""
-  recorded, assets = os.path.join(run_dir, MODEL_CONFIG), os.path.join(run_dir, ASSETS)
-  if os.path.isfile(recorded):
-    return read_config_file(recorded), assets if os.path.isdir(assets) else ""
+  recorded, assets = paths.join(run_dir, MODEL_CONFIG), paths.join(run_dir, ASSETS)
+  if paths.isfile(recorded):
+    return read_config_file(recorded), assets if paths.isdir(assets) else ""
   tokenizer_dir = paths.absolute(config.data.tokenizer_dir or config.model.hf_dir)
   try:
     return model_config(config, load_run_tokenizer(tokenizer_dir)), tokenizer_dir

@@ -301,3 +301,25 @@ def test_export_damaged_checkpoint_exits_2_writing_nothing(checkpoint, tmp_path,
   assert len(ours) == 1 and ours[0].startswith("eemo-jax export-hf: error:")
   assert f"{ckpt}/params is damaged or incomplete" in ours[0] and "import-hf" in ours[0]
   assert os.listdir(tmp_path) == ["ckpt"]
+
+
+def test_import_and_export_through_a_bucket_write_what_local_folders_get(checkpoint, source, tmp_path, monkeypatch):
+  """The HF folder, the checkpoint and the export all gs:// URLs (a GCS emulator on localhost): the export in the
+  bucket is byte for byte the local export of the local import, and nothing is written locally."""
+  from gcs_emulator import BUCKET, bucket_files, gcs_emulator, read_object
+
+  from eemo_jax import paths
+  local = tmp_path / "local"
+  assert main(["export-hf", checkpoint, os.fspath(local)]) == 0
+  bucket = f"gs://{BUCKET}"
+  work = tmp_path / "cwd"
+  work.mkdir()
+  monkeypatch.chdir(work)  # a URL taken for a local path would land here
+  with gcs_emulator():
+    for name in os.listdir(source[0]):
+      paths.copy_file(os.path.join(source[0], name), f"{bucket}/hf/{name}")
+    assert main(["import-hf", f"{bucket}/hf", f"{bucket}/ckpt"]) == 0
+    assert main(["export-hf", f"{bucket}/ckpt", f"{bucket}/out"]) == 0
+    exported = {name.removeprefix("out/"): read_object(name) for name in bucket_files("out")}
+  assert exported == {name: (local / name).read_bytes() for name in os.listdir(local)}
+  assert os.listdir(work) == []

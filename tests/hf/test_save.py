@@ -21,7 +21,7 @@ pytest.importorskip("transformers")
 from flax import nnx  # noqa: E402
 from hf_fixtures import save_hf_model, tiny_hf_config  # noqa: E402
 
-from eemo_jax.hf import safetensors_io  # noqa: E402
+from eemo_jax import paths  # noqa: E402
 from eemo_jax.hf import save as save_module  # noqa: E402
 from eemo_jax.hf.heads_io import save_head  # noqa: E402
 from eemo_jax.hf.load import load_hf  # noqa: E402
@@ -173,10 +173,9 @@ def test_disk_full_names_the_file_and_the_bytes_needed(exported, tmp_path, monke
   src, model, reference = exported
   out = os.fspath(tmp_path / "out")
   old = old_export(out)
-  real_open = open
-  monkeypatch.setattr(safetensors_io, "open", lambda path, mode="r", *a, **k: (
-      _FullDisk(real_open(path, mode, *a, **k), 4096) if "w" in mode else real_open(path, mode, *a, **k)),
-      raising=False)
+  real_open = paths.open_file  # every file of an export is opened through the path layer
+  monkeypatch.setattr(paths, "open_file", lambda path, mode="r", *a, **k: (
+      _FullDisk(real_open(path, mode, *a, **k), 4096) if "w" in mode else real_open(path, mode, *a, **k)))
   with pytest.raises(CheckpointError) as info:
     save_hf(model, out, source_dir=src, overwrite=True)
   message = str(info.value)

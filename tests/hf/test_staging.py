@@ -19,6 +19,7 @@ import textwrap
 
 import pytest
 
+from eemo_jax import paths
 from eemo_jax.hf import staging
 from eemo_jax.hf.staging import ExportError, check_target, staged_folder
 
@@ -277,3 +278,87 @@ def test_the_fallback_replaces_the_old_export(tmp_path, monkeypatch):
   with staged_folder(os.fspath(target), overwrite=True) as folder:
     write_files(folder, {"config.json": "new"})
   assert listing(target) == {"config.json": "new"} and sorted(os.listdir(tmp_path)) == ["export"]
+
+
+# --------------------------------------------------------------------------------------------------
+# In a bucket (a GCS emulator on localhost): no folder rename, so config.json goes last
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bucket():
+  from gcs_emulator import gcs_emulator
+  with gcs_emulator():
+    yield
+
+
+def bucket_listing(prefix: str) -> dict[str, str]:
+  from gcs_emulator import bucket_files, read_object
+  return {name.removeprefix(prefix + "/"): read_object(name).decode() for name in bucket_files(prefix)}
+
+
+def write_export(folder: str, version: str, names=("model.safetensors", "tokenizer.json")) -> None:
+  for name in (*names, "config.json"):
+    paths.write_text(paths.join(folder, name), version)
+
+
+def test_a_bucket_export_replaces_the_old_one_whole(bucket):
+  from gcs_emulator import BUCKET
+  target = f"gs://{BUCKET}/replace/export"
+  with staged_folder(target) as folder:
+    write_export(folder, "old", names=("model.safetensors", "stale.txt"))
+  with pytest.raises(ExportError, match="already holds files"):
+    check_target(target)
+  with staged_folder(target, overwrite=True) as folder:
+    write_export(folder, "new")
+  assert bucket_listing("replace") == {"export/config.json": "new", "export/model.safetensors": "new",
+                                       "export/tokenizer.json": "new"}
+
+
+def test_a_failed_bucket_export_leaves_the_old_one_and_nothing_beside(bucket):
+  from gcs_emulator import BUCKET
+  target = f"gs://{BUCKET}/failed/export"
+  with staged_folder(target) as folder:
+    write_export(folder, "old")
+  with pytest.raises(RuntimeError, match="gather failed"):
+    with staged_folder(target, overwrite=True) as folder:
+      paths.write_text(paths.join(folder, "model.safetensors"), "new")
+      raise RuntimeError("gather failed")
+  assert bucket_listing("failed") == {"export/config.json": "old", "export/model.safetensors": "old",
+                                      "export/tokenizer.json": "old"}
+
+
+def test_a_bucket_export_stopped_while_copied_in_claims_no_model_and_the_next_one_finishes(bucket, monkeypatch):
+  """Stopped before its last copy (config.json), the target holds no config.json, so nothing loads it as a
+  model; the complete new export waits under the .partial- prefix, and the next export removes it."""
+  from gcs_emulator import BUCKET
+  target = f"gs://{BUCKET}/stopped/export"
+  with staged_folder(target) as folder:
+    write_export(folder, "old")
+  copy = paths.copy_file
+
+  def stopped_before_config(src, dst):
+    if dst.endswith("/config.json"):
+      raise KeyboardInterrupt  # stands for the kill
+    copy(src, dst)
+
+  monkeypatch.setattr(paths, "copy_file", stopped_before_config)
+  with pytest.raises(KeyboardInterrupt):
+    with staged_folder(target, overwrite=True) as folder:
+      write_export(folder, "new")
+  monkeypatch.setattr(paths, "copy_file", copy)
+  left = bucket_listing("stopped")
+  assert {k: v for k, v in left.items() if k.startswith("export/")} == {"export/model.safetensors": "new",
+                                                                        "export/tokenizer.json": "new"}
+  partial = {k.split("/", 1)[1]: v for k, v in left.items() if k.startswith(f".export{staging.PARTIAL}")}
+  assert partial == {"config.json": "new", "model.safetensors": "new", "tokenizer.json": "new"}
+  with staged_folder(target, overwrite=True) as folder:
+    write_export(folder, "newer")
+  assert bucket_listing("stopped") == {"export/config.json": "newer", "export/model.safetensors": "newer",
+                                       "export/tokenizer.json": "newer"}
+
+
+def test_the_root_of_a_bucket_is_refused(bucket):
+  from gcs_emulator import BUCKET
+  with pytest.raises(ExportError, match="root of the file system"):
+    check_target(f"gs://{BUCKET}")
