@@ -62,7 +62,7 @@ from data_pipeline.errors import (CorruptImageError, DatasetError, ImagesOverBud
 from data_pipeline.image_processor import (DEFAULT_MIN_PIXELS, ImageProcessorConfig, PixelLimitError, _to_rgb,
                                            default_pixel_limit, smart_resize)
 from data_pipeline.records import VAD_TASKS, answer_body
-from data_pipeline.tokenizer import TextTokenizer, load_tokenizer
+from data_pipeline.tokenizer import TextTokenizer, load_tokenizer, token_mismatches
 from eemo_jax import paths
 from eemo_jax.model import positions
 
@@ -667,20 +667,6 @@ def make_iterator(config: PipelineConfig, *, mesh=None, source: Sequence | None 
     ds = ds.map(functools.partial(_global_arrays, shardings=shardings))
     ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=2)
   return PipelineIterator(ds.__iter__())
-
-
-def token_mismatches(model_config, tokenizer: TextTokenizer) -> list[str]:
-  """Where a tokenizer does not fit a model: its vision token ids differ, or it has more tokens than the
-  model's embedding rows ("image_token_id: model 151655, tokenizer 510"); empty when it fits."""
-  special = tokenizer.special
-  pairs = [("image_token_id", model_config.image_token_id, special.image_pad),
-           ("video_token_id", model_config.video_token_id, special.video_pad),
-           ("vision_start_token_id", model_config.vision_start_token_id, special.vision_start),
-           ("vision_end_token_id", model_config.vision_end_token_id, special.vision_end)]
-  wrong = [f"{name}: model {a}, tokenizer {b}" for name, a, b in pairs if a != b]
-  if tokenizer.vocab_size > model_config.text.vocab_size:
-    wrong.append(f"vocab_size: model {model_config.text.vocab_size} < tokenizer {tokenizer.vocab_size}")
-  return wrong
 
 
 def check_compatible(config: PipelineConfig, model_config, tokenizer: TextTokenizer) -> None:

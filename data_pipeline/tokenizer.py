@@ -312,3 +312,17 @@ def _write_if_changed(path: str, text: str) -> None:
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+
+
+def token_mismatches(model_config, tokenizer: TextTokenizer) -> list[str]:
+  """Where a tokenizer does not fit a model: its vision token ids differ, or it has more tokens than the
+  model's embedding rows ("image_token_id: model 151655, tokenizer 510"); empty when it fits."""
+  special = tokenizer.special
+  pairs = [("image_token_id", model_config.image_token_id, special.image_pad),
+           ("video_token_id", model_config.video_token_id, special.video_pad),
+           ("vision_start_token_id", model_config.vision_start_token_id, special.vision_start),
+           ("vision_end_token_id", model_config.vision_end_token_id, special.vision_end)]
+  wrong = [f"{name}: model {a}, tokenizer {b}" for name, a, b in pairs if a != b]
+  if tokenizer.vocab_size > model_config.text.vocab_size:
+    wrong.append(f"vocab_size: model {model_config.text.vocab_size} < tokenizer {tokenizer.vocab_size}")
+  return wrong

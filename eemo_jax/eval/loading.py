@@ -33,7 +33,7 @@ def load_eval_model(*, hf_dir: str | None = None, checkpoint: str | None = None,
   The tokenizer and the model's config are read and checked against each other first: loading the weights
   takes minutes on a real model, and a wrong folder should not cost them.
   """
-  from data_pipeline.pipeline import token_mismatches
+  from data_pipeline.tokenizer import token_mismatches
   from eemo_jax.hf import heads_io
   if (hf_dir is None) == (checkpoint is None):
     raise ModelSourceError("give the model as exactly one of --hf-dir (an HF folder) or --checkpoint (an "

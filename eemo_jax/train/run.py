@@ -455,7 +455,7 @@ def load_run_tokenizer(folder: str):
 def check_tokenizer_fits(config, arch: Qwen25VLConfig, tokenizer, tokenizer_dir: str) -> None:
   """Refuses, before anything is written, a tokenizer whose vision token ids or vocabulary are not the model's:
   a model folder paired with another model's tokenizer (the pipeline refuses it too, but as a traceback)."""
-  from data_pipeline.pipeline import token_mismatches
+  from data_pipeline.tokenizer import token_mismatches
   wrong = token_mismatches(arch, tokenizer)
   if wrong:
     model = f"the model in {config.model.hf_dir}" if config.model.hf_dir else "the model"
