@@ -74,7 +74,10 @@ def without_data_packages(tmp_path_factory):
 
 def test_import_export_load_and_run_a_model_without_the_data_packages(without_data_packages):
   results, arrays = without_data_packages
-  assert results["import-hf"] == [0, ""] and results["export-hf"] == [0, ""]
+  assert results["import-hf"][0] == 0 and results["export-hf"] == [0, ""]
+  # import-hf prints only its loading lines (eemo_jax.status): no warning, no traceback
+  loading = results["import-hf"][1].splitlines()
+  assert loading[0].startswith("loading ") and loading[-1].startswith("placed "), loading
   valid = arrays["attention_mask"].astype(bool)  # (batch, seq): left padding is not compared
   ours, theirs = arrays["logits"], arrays["torch_logits"]
   err = np.abs(ours[valid] - theirs[valid]).max()
