@@ -25,6 +25,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from run_assets import Assets, build_assets
 
 from eemo_jax import cli
 from eemo_jax.config import load_config
@@ -36,22 +37,9 @@ STEPS = 8
 PROCESSES = 2
 
 
-@dataclasses.dataclass(frozen=True)
-class Assets:
-  tokenizer_dir: str
-  data_dir: str
-  dataset_config: str
-
-
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> Assets:
-  from data_pipeline.builders import build
-  from data_pipeline.tokenizer import build_offline_tokenizer
-  root = tmp_path_factory.mktemp("assets")
-  tokenizer_dir, data_dir = str(root / "tokenizer"), str(root / "data")
-  build_offline_tokenizer(tokenizer_dir)
-  report = build("synthetic", data_dir, config="emoverse", num_train=32, num_test=8)
-  return Assets(tokenizer_dir, data_dir, report.config)
+  return build_assets(str(tmp_path_factory.mktemp("assets")), num_train=32, num_test=8)
 
 
 def _overrides(assets: Assets, run_dir) -> list[str]:

@@ -5,7 +5,6 @@ state, so its per-step losses are the uninterrupted run's, bit for bit on the sa
 runs on the synthetic data set (64 train / 16 test images) and 8 fake CPU devices, a few steps each.
 """
 
-import dataclasses
 import io
 import json
 import math
@@ -21,6 +20,7 @@ import jax
 import numpy as np
 import pytest
 from jax_compiles import compiles_logged
+from run_assets import Assets, build_assets
 
 from eemo_jax import cli, status
 from eemo_jax.config import ConfigError, load_config
@@ -33,23 +33,9 @@ TINY = os.path.join(ROOT, "configs", "tiny_demo.py")
 STEPS = 12  # checkpoints every 2 steps (the last 3 kept), eval every 4: the killed run is still busy after 2 or 4
 
 
-@dataclasses.dataclass(frozen=True)
-class Assets:
-  tokenizer_dir: str
-  data_dir: str
-  dataset_config: str
-
-
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> Assets:
-  from data_pipeline.builders import build
-  from data_pipeline.tokenizer import build_offline_tokenizer
-  root = tmp_path_factory.mktemp("assets")
-  tokenizer_dir, data_dir = str(root / "tokenizer"), str(root / "data")
-  build_offline_tokenizer(tokenizer_dir)
-  report = build("synthetic", data_dir, config="emoverse", num_train=64, num_test=16)
-  assert report.written == {"train": 64, "test": 16}
-  return Assets(tokenizer_dir, data_dir, report.config)
+  return build_assets(str(tmp_path_factory.mktemp("assets")), num_train=64, num_test=16)
 
 
 def _overrides(assets: Assets, run_dir, **extra) -> list[str]:
