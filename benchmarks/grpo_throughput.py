@@ -371,8 +371,7 @@ class JaxSteps:
     data.close()
 
     with jax.set_mesh(self.mesh):
-      factory = lambda: train_run.build_model(config, arch, None)  # noqa: E731
-      graphdef, self.state = rl_run.initial_state(config, arch, factory, optimizer, self.mesh, rules, trainable)
+      graphdef, self.state, _ = train_run.initial_state(config, arch, None, optimizer, self.mesh, rules, trainable)
       self.engine = rl_run.Engine(config, settings, loss, None, graphdef, self.state, optimizer, trainable,
                                    learning_rate_schedule(opt_cfg), self.mesh, rules, tokenizer, arch)
 

@@ -349,7 +349,8 @@ class AppendedFile:
       self._file = builtins.open(self.path, "ab" if binary else "a")
       return
     self.upload_every_s = upload_every_s
-    self._content = read_bytes(self.path) if isfile(self.path) else b""
+    # a bytearray, so an append extends it in place (bytes += would copy the whole content every step)
+    self._content = bytearray(read_bytes(self.path) if isfile(self.path) else b"")
     self._dirty = False
     self._uploaded = time.monotonic()
 
@@ -367,7 +368,7 @@ class AppendedFile:
     if self._local:
       self._file.flush()
     elif self._dirty:
-      write_bytes(self.path, self._content)
+      write_bytes(self.path, bytes(self._content))
       self._dirty, self._uploaded = False, time.monotonic()
 
   def close(self) -> None:

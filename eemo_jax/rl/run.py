@@ -48,15 +48,15 @@ from eemo_jax.rl.logprobs import GroupBatch
 from eemo_jax.rl.losses import mask_truncated_completions
 from eemo_jax.rl.step import (GRPOLossConfig, UpdateBatch, jit_grpo_step, make_grpo_step, make_reference_logprobs,
                               policy_of)
-from eemo_jax.train import init_from, run_record, saved_run
+from eemo_jax.train import run_record, saved_run
 from eemo_jax.train.checkpointing import RunCheckpoints, quiet_orbax_tracebacks
 from eemo_jax.train.metrics import MetricsWriter, ProgressLine
 from eemo_jax.train.optimizer import learning_rate_schedule, make_optimizer
-from eemo_jax.train.run import (NonFiniteLossError, announce_start, build_model, check_export_target, check_rows_shard,
-                                close_all, export, load_run_tokenizer, model_config, optimizer_settings,
-                                pipeline_config, report_saved, run_length, skipped_metrics, trainable_set)
-from eemo_jax.train.run import check_eval_split, check_tokenizer_fits
-from eemo_jax.train.state import abstract_train_state, create_train_state
+from eemo_jax.train.run import (NonFiniteLossError, announce_start, build_model, check_eval_split, check_export_target,
+                                check_rows_shard, check_tokenizer_fits, close_all, export, initial_state,
+                                optimizer_settings, pipeline_config, report_saved, run_length, run_model_inputs,
+                                skipped_metrics, trainable_set)
+from eemo_jax.train.state import abstract_train_state
 
 ROLLOUT_STREAM = 0x524F4C4C  # folded into the run's key for rollouts ("ROLL"), apart from dropout's per-step keys
 EVAL_STREAM = 0x4556414C  # the held-out evaluation's sampling keys ("EVAL"), the same at every step
@@ -251,12 +251,7 @@ def grpo(config, *, tokenizer=None, train_source=None, eval_source=None, progres
     raise ConfigError(f"head.kind is {config.head.kind!r}: GRPO trains the language model's answers; set "
                       "head.kind=none")
 
-  source = init_from.resolve(config)  # model.init_from, checked; None without one
-  tokenizer_dir = paths.absolute(config.data.tokenizer_dir or (source.tokenizer_dir if source else
-                                                               config.model.hf_dir))
-  if tokenizer is None:
-    tokenizer = load_run_tokenizer(tokenizer_dir)
-  arch = source.arch if source else model_config(config, tokenizer)
+  source, tokenizer_dir, tokenizer, arch = run_model_inputs(config, tokenizer)
   mesh = make_mesh(dict(config.mesh.items()))
   rules = tuple(tuple(r) for r in config.rules)
   trainable = trainable_set(config, has_head=False)
@@ -293,16 +288,16 @@ def grpo(config, *, tokenizer=None, train_source=None, eval_source=None, progres
   last: dict[str, float] = {}
   try:
     with jax.set_mesh(mesh):
-      factory = lambda: build_model(config, arch, None)  # noqa: E731
       restore_warnings, init_lines = [], []
       initial = None  # the reference policy's weights (full fine-tuning with beta > 0)
       if resumed_from is not None:
+        factory = lambda: build_model(config, arch, None)  # noqa: E731
         graphdef, abstract = abstract_train_state(factory, optimizer, mesh, rules, trainable=trainable, seed=t.seed)
         resumed_from, state, restore_warnings = checkpoints.restore_newest_intact(abstract, data)
         if reference == "initial":
-          initial = initial_weights(config, arch, factory, optimizer, mesh, rules, trainable, source)
+          initial = initial_weights(config, arch, optimizer, mesh, rules, trainable, source)
       else:
-        graphdef, state = initial_state(config, arch, factory, optimizer, mesh, rules, trainable, source, init_lines)
+        graphdef, state, init_lines = initial_state(config, arch, None, optimizer, mesh, rules, trainable, source)
         if reference == "initial":
           initial = jax.tree.map(jnp.copy, (state.params, state.frozen))  # the step donates the state
       start = int(jax.device_get(state.step))
@@ -397,26 +392,9 @@ def prompt_pipeline_config(config, arch, settings: GRPOSettings):
                              prompt_only=True)
 
 
-def initial_state(config, arch, factory, optimizer, mesh, rules, trainable, source=None, lines=None):
-  """(graphdef, train state) of a run's start; `lines`, a list, receives those that say where the weights came from
-  (`model.init_from`'s `source`)."""
-  if source is not None:
-    model, said = init_from.initial_model(source, config, arch, None, mesh=mesh, rules=rules)
-    if lines is not None:
-      lines.extend(said)
-    return create_train_state(model, optimizer, mesh, rules, trainable=trainable, seed=config.train.seed)
-  if config.model.hf_dir:
-    from eemo_jax.hf.load import load_hf
-    backbone = load_hf(config.model.hf_dir, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
-                       mesh=mesh, rules=rules, remat=config.model.remat, attention_impl=config.model.attention)
-    model = build_model(config, arch, None, backbone=backbone, mesh=mesh)
-    return create_train_state(model, optimizer, mesh, rules, trainable=trainable, seed=config.train.seed)
-  return create_train_state(factory, optimizer, mesh, rules, trainable=trainable, seed=config.train.seed)
-
-
-def initial_weights(config, arch, factory, optimizer, mesh, rules, trainable, source=None):
+def initial_weights(config, arch, optimizer, mesh, rules, trainable, source=None):
   """The weights the run started from, rebuilt the way it built them: the frozen reference policy."""
-  _, state = initial_state(config, arch, factory, optimizer, mesh, rules, trainable, source)
+  _, state, _ = initial_state(config, arch, None, optimizer, mesh, rules, trainable, source)
   return state.params, state.frozen
 
 

@@ -261,7 +261,7 @@ def train(config, *, tokenizer=None, train_source=None, eval_source=None, progre
   run directory, and a resume is checked against the config the run was started with (`run_record`).
   """
   from data_pipeline.pipeline import abstract_batch, make_iterator, skip_counts, to_train_batch
-  from eemo_jax.train import init_from, saved_run
+  from eemo_jax.train import saved_run
 
   started = time.time()
   use_host_memory_for_cpu_steps()  # before the backend starts: the CPU step's buffers stay mapped
@@ -271,12 +271,7 @@ def train(config, *, tokenizer=None, train_source=None, eval_source=None, progre
   is_main = jax.process_index() == 0
   paths.check_all(config, "train.run_dir", "train.export_dir", "data.data_dir", "data.tokenizer_dir", "model.hf_dir")
 
-  source = init_from.resolve(config)  # model.init_from, checked; None without one
-  tokenizer_dir = paths.absolute(config.data.tokenizer_dir or (source.tokenizer_dir if source else
-                                                               config.model.hf_dir))
-  if tokenizer is None:
-    tokenizer = load_run_tokenizer(tokenizer_dir)
-  arch = source.arch if source else model_config(config, tokenizer)
+  source, tokenizer_dir, tokenizer, arch = run_model_inputs(config, tokenizer)
   head_cfg = head_config(config, arch, tokenizer)
   mesh = make_mesh(dict(config.mesh.items()))
   rules = tuple(tuple(r) for r in config.rules)
@@ -306,22 +301,13 @@ def train(config, *, tokenizer=None, train_source=None, eval_source=None, progre
   writer = progress = None
   try:
     with jax.set_mesh(mesh):
-      factory = lambda: build_model(config, arch, head_cfg)  # noqa: E731
       restore_warnings, init_lines = [], []
       if resumed_from is not None:
+        factory = lambda: build_model(config, arch, head_cfg)  # noqa: E731
         graphdef, abstract = abstract_train_state(factory, optimizer, mesh, rules, trainable=trainable, seed=t.seed)
         resumed_from, state, restore_warnings = checkpoints.restore_newest_intact(abstract, data)
-      elif source is not None:
-        model, init_lines = init_from.initial_model(source, config, arch, head_cfg, mesh=mesh, rules=rules)
-        graphdef, state = create_train_state(model, optimizer, mesh, rules, trainable=trainable, seed=t.seed)
-      elif config.model.hf_dir:
-        from eemo_jax.hf.load import load_hf
-        backbone = load_hf(config.model.hf_dir, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
-                           mesh=mesh, rules=rules, remat=config.model.remat, attention_impl=config.model.attention)
-        model = build_model(config, arch, head_cfg, backbone=backbone, mesh=mesh)
-        graphdef, state = create_train_state(model, optimizer, mesh, rules, trainable=trainable, seed=t.seed)
       else:
-        graphdef, state = create_train_state(factory, optimizer, mesh, rules, trainable=trainable, seed=t.seed)
+        graphdef, state, init_lines = initial_state(config, arch, head_cfg, optimizer, mesh, rules, trainable, source)
       start = int(jax.device_get(state.step))
       # The first batch before anything is written: a data set that yields nothing usable (or a strict-mode
       # bad record) stops the run here, with the run directory as it was.
@@ -397,6 +383,40 @@ def train(config, *, tokenizer=None, train_source=None, eval_source=None, progre
     export(config, graphdef, state, tokenizer_dir, export_dir, run_dir=run_dir)
   return RunSummary(run_dir=run_dir, steps=total_steps, resumed_from=resumed_from, final_metrics=last,
                     eval_metrics=eval_metrics, export_dir=export_dir or None, seconds=time.time() - started)
+
+
+def run_model_inputs(config, tokenizer=None):
+  """(source, tokenizer folder, tokenizer, architecture) of a run (SFT or GRPO), all checked: `model.init_from`'s
+  source (None without one), whose tokenizer and architecture come first; else `model.hf_dir` or the preset.
+  `data.tokenizer_dir` overrides the tokenizer folder; `tokenizer`, when given (tests), is used as it is."""
+  from eemo_jax.train import init_from
+  source = init_from.resolve(config)
+  tokenizer_dir = paths.absolute(config.data.tokenizer_dir or (source.tokenizer_dir if source else
+                                                               config.model.hf_dir))
+  if tokenizer is None:
+    tokenizer = load_run_tokenizer(tokenizer_dir)
+  arch = source.arch if source else model_config(config, tokenizer)
+  return source, tokenizer_dir, tokenizer, arch
+
+
+def initial_state(config, arch: Qwen25VLConfig, head_cfg: HeadConfig | None, optimizer, mesh, rules,
+                  trainable: freeze.Trainable, source=None):
+  """(graphdef, train state, lines saying where the weights came from) of a new run (SFT or GRPO): from
+  `model.init_from`'s `source` (`init_from.resolve`), else from `model.hf_dir`, else random."""
+  seed = int(config.train.seed)
+  if source is not None:
+    from eemo_jax.train import init_from
+    model, lines = init_from.initial_model(source, config, arch, head_cfg, mesh=mesh, rules=rules)
+  elif config.model.hf_dir:
+    from eemo_jax.hf.load import load_hf
+    m = config.model
+    backbone = load_hf(m.hf_dir, dtype=m.dtype, param_dtype=m.param_dtype, mesh=mesh, rules=rules, remat=m.remat,
+                       attention_impl=m.attention)
+    model, lines = build_model(config, arch, head_cfg, backbone=backbone, mesh=mesh), []
+  else:
+    model, lines = (lambda: build_model(config, arch, head_cfg)), []  # traced: parameters made in place, sharded
+  graphdef, state = create_train_state(model, optimizer, mesh, rules, trainable=trainable, seed=seed)
+  return graphdef, state, lines
 
 
 def run_length(config, pcfg, source, *, examples_per_step: int) -> int:

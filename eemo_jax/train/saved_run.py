@@ -57,6 +57,11 @@ def is_run_dir(path: str) -> bool:
     recorded = json.loads(paths.read_text(paths.join(path, run_record.CONFIG_FILE)))
   except (OSError, ValueError):
     return False
+  return _is_run_record(recorded)
+
+
+def _is_run_record(recorded) -> bool:
+  """A run's config.json has `model` and `train` sections (an HF folder's config.json has neither)."""
   return isinstance(recorded, dict) and {"model", "train"} <= set(recorded)
 
 
@@ -85,7 +90,7 @@ class SavedRun:
     """Reads a run directory's record; a folder that is not a run with a saved step is a `ConfigError`."""
     run_dir = paths.absolute(run_dir)
     recorded = run_record.read_recorded(run_dir)
-    if not isinstance(recorded, dict) or not {"model", "train"} <= set(recorded):
+    if not _is_run_record(recorded):
       raise ConfigError(f"{run_dir} has no {run_record.CONFIG_FILE} of a run (it records the model the checkpoints "
                         "hold); name the run directory that `eemo-jax train` or `eemo-jax grpo` wrote")
     steps = _complete_steps(run_dir)

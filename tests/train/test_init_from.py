@@ -127,9 +127,8 @@ def _merged(backbone):
 
 
 def test_grpo_starts_from_a_run_directory(chain, stage1_weights):
-  """`eemo-jax grpo`'s start (rl.run.initial_state) takes stage 1 the same way: adapters merged, its head left
+  """`eemo-jax grpo`'s start (train.run.initial_state without a head) takes stage 1 the same way: adapters merged, its head left
   out (GRPO trains answers), new adapters of its own."""
-  from eemo_jax.rl import run as grpo_run
   from eemo_jax.train.optimizer import make_optimizer
   config = load_config(TINY_GRPO, [f"--config.model.init_from={chain.stage1}", "--config.lora.rank=2",
                                    "--config.trainable.adapters_only=true", "--config.mesh.fsdp=8"])
@@ -137,10 +136,9 @@ def test_grpo_starts_from_a_run_directory(chain, stage1_weights):
   mesh = make_mesh({"fsdp": 8})
   rules = tuple(tuple(r) for r in config.rules)
   optimizer = make_optimizer(run.optimizer_settings(config, 1))
-  lines = []
   with jax.set_mesh(mesh):
-    graphdef, state = grpo_run.initial_state(config, source.arch, None, optimizer, mesh, rules,
-                                             run.trainable_set(config, False), source, lines)
+    graphdef, state, lines = run.initial_state(config, source.arch, None, optimizer, mesh, rules,
+                                               run.trainable_set(config, False), source)
   model = nnx.merge(graphdef, state.params, state.frozen)
   assert model.head is None and lines[-1] == "emotion head: the source's pooled head is not used (head.kind is none)"
   assert_same_weights(backbone_weights(model.backbone), stage1_weights)
