@@ -168,7 +168,6 @@ def _listdir(path: str) -> list[str]:
   return paths.listdir(path)
 
 
-
 def _make_parents(folder: str) -> list[str]:
   """Creates `folder` and its missing parents; returns those created, deepest first."""
   created = []
@@ -180,10 +179,10 @@ def _make_parents(folder: str) -> list[str]:
   return created
 
 
-def _remove_empty_dirs(paths: list[str]) -> None:
-  for path in paths:
+def _remove_empty_dirs(folders: list[str]) -> None:
+  for folder in folders:
     with contextlib.suppress(OSError):
-      os.rmdir(path)
+      os.rmdir(folder)
 
 
 def _remove_leftovers(target: str) -> None:
