@@ -121,7 +121,7 @@ def _script(tmp_path, assets, run_dir) -> list[str]:
   path = tmp_path / "run_grpo.py"
   path.write_text(textwrap.dedent(f"""\
       import sys
-      sys.path.insert(0, {os.path.dirname(__file__)!r})
+      sys.path[:0] = [{os.path.dirname(__file__)!r}, {os.path.dirname(os.path.dirname(__file__))!r}]  # + jax_compiles
       from test_grpo_run import TOY
       from eemo_jax.config import load_config
       from eemo_jax.rl.run import grpo
