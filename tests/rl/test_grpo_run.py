@@ -146,6 +146,7 @@ def _complete_steps(run_dir) -> list[int]:
     checkpoints.close()
 
 
+@pytest.mark.slow  # tests/test_recipes_end_to_end.py: tiny_grpo, eemo_7b_grpo SIGKILLed and resumed by the CLI
 def test_sigkill_and_resume_give_the_same_rewards_and_losses(assets, tmp_path):
   """An uninterrupted run, and one killed once checkpoint 2 or 4 is complete and run again: every step after
   the checkpoint has the same rewards, losses and gradient norms, bit for bit (rollout keys, data order,
