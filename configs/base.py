@@ -14,6 +14,7 @@ Not a recipe itself. Sections map onto the library's config types:
   train      run directory, length, seeds, logging, checkpoints, export
   grpo       `eemo-jax grpo` only: group size, sampling, the policy loss (TRL 1.16's options), the rewards
   aot        ahead-of-time compile target for `eemo-jax aot`
+  shrink     "tiny": the recipe at CPU sizes, all else as shipped (eemo_jax.config.shrink), e.g. on the synthetic set
 """
 
 import ml_collections
@@ -114,6 +115,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
       sample_rows=8,  # completions written each time
   )
   c.aot = dict(topology="v5e:4x4", batch_size=0)  # batch_size 0: global_batch_size / accum_steps
+  c.shrink = ""  # "tiny": the recipe's sizes cut to what a CPU runs in a minute, all else as shipped (config.shrink)
   c = ml_collections.ConfigDict(c)
   c.lock()  # recipes change existing fields only, so a typo in a recipe fails too
   return c

@@ -6,6 +6,8 @@
 The config is locked after `get_config` returns, so a typo in a file or an override fails, naming
 the closest valid keys instead of silently adding a field. Override values are parsed by the type of
 the field they replace (bool, int, float, str, tuples/lists as Python literals).
+
+`--config.shrink=tiny` cuts a recipe's sizes to what a CPU runs in a minute (`shrink`), before the other overrides.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import ast
 import difflib
 import importlib.util
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -53,7 +56,10 @@ def load_module(path: str):
 
 
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-  """`spec` is `path` or `path:arg`; `overrides` are `--config.a.b=value` (or `a.b=value`) strings."""
+  """`spec` is `path` or `path:arg`; `overrides` are `--config.a.b=value` (or `a.b=value`) strings.
+
+  A `shrink` (from the file or an override) applies before the other overrides, wherever it stands among
+  them, so an override of a field it sets still wins."""
   path, _, arg = spec.partition(":")
   module = load_module(path)
   try:
@@ -63,9 +69,65 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
   if not isinstance(config, ml_collections.ConfigDict):
     raise ConfigError(f"{path}: get_config must return an ml_collections.ConfigDict, got {type(config).__name__}")
   config.lock()
-  for item in overrides:
+  shrinks = [item for item in overrides if _override_key(item) == "shrink"]
+  for item in shrinks:
     apply_override(config, item)
+  if config.get("shrink"):
+    shrink(config, config.shrink)
+  for item in overrides:
+    if item not in shrinks:
+      apply_override(config, item)
   return config
+
+
+SHRINKS = ("tiny",)
+# --config.shrink=tiny
+TINY_ROWS = 8  # rows of a micro-batch: they still shard over up to 8 devices (a v5e-8 host, 8 fake CPU devices)
+TINY_SEQ_LEN = 256  # SFT: the synthetic examples take 90-200 tokens, B-A-S answers ~370 (cut, as overlong="truncate")
+TINY_PROMPT_LEN = 448  # GRPO's prompt bucket: the synthetic EEmo prompts take 230-400 tokens, and are never cut
+TINY_MIN_PIXELS, TINY_MAX_PIXELS = 56 * 56, 112 * 112  # 4-16 image tokens an image
+TINY_COMPLETION = 16  # GRPO completion tokens: room for a short <answer>...</answer>
+TINY_STEPS, TINY_CHECKPOINT_EVERY = 4, 2  # a checkpoint, and steps after it to resume
+
+
+def shrink(config: ml_collections.ConfigDict, name: str) -> None:
+  """`--config.shrink=tiny`: the recipe with its sizes cut to what a CPU runs in a minute, all else as shipped.
+
+  So the shipped recipe file is what runs, not a copy of it that could drift: the tests run every recipe this
+  way, with `model.hf_dir` a tiny HF folder (which replaces the architecture) and the synthetic data set.
+  It changes only these fields (a size never grows):
+    data.seq_len              at most 256; GRPO's prompt bucket at most 448 (a prompt is never cut, and the
+                              synthetic ones take up to ~400 tokens)
+    data.min_pixels           at most 56 x 56;  data.max_pixels at most 112 x 112
+    train.global_batch_size   at most 8 rows a micro-batch x optimizer.accum_steps (GRPO: lcm(8,
+                              grpo.num_generations) completions, whole groups), so every micro-batch still runs
+    train.steps               4 (in place of train.epochs), train.checkpoint_every 2, train.log_every 1: a
+                              checkpoint, steps after it to resume, and every step's row in metrics.jsonl
+    eval.batches              at most 1 (the held-out evaluation still runs)
+    grpo.max_completion_length  at most 16; grpo.sample_every 2 (completion samples within 4 steps)
+  It never changes the model (dtype, remat, attention, preset), the head, LoRA, what trains, the losses, the
+  optimizer (accumulation, learning rate, schedule, warmup ratio, weight decay, clipping), the GRPO algorithm
+  (group size, loss, KL, rewards, sampling), the mesh, or the data set and task.
+  """
+  if name not in SHRINKS:
+    raise ConfigError(f"shrink {name!r} is unknown; use one of {', '.join(SHRINKS)}, or leave it empty")
+  d, t, accum = config.data, config.train, int(config.optimizer.accum_steps)
+  d.seq_len = min(int(d.seq_len), TINY_PROMPT_LEN if d.prompt_only else TINY_SEQ_LEN)
+  d.min_pixels = min(int(d.min_pixels), TINY_MIN_PIXELS)
+  d.max_pixels = min(int(d.max_pixels), TINY_MAX_PIXELS)
+  rows = TINY_ROWS
+  if d.prompt_only:  # GRPO: the batch counts completions, and a micro-batch holds whole groups
+    rows = math.lcm(TINY_ROWS, int(config.grpo.num_generations))
+    config.grpo.max_completion_length = min(int(config.grpo.max_completion_length), TINY_COMPLETION)
+    config.grpo.sample_every = 2
+  t.global_batch_size = min(int(t.global_batch_size), rows * accum)
+  t.steps, t.checkpoint_every, t.log_every = TINY_STEPS, TINY_CHECKPOINT_EVERY, 1
+  config.eval.batches = min(int(config.eval.batches), 1)
+
+
+def _override_key(item: str) -> str:
+  text = item[len("--config."):] if item.startswith("--config.") else item
+  return text.partition("=")[0]
 
 
 def apply_override(config: ml_collections.ConfigDict, item: str) -> None:

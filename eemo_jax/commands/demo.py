@@ -76,7 +76,8 @@ def run(args) -> int:
 
   overrides = [f"--config.train.run_dir={run_dir}", f"--config.data.data_dir={data_dir}",
                f"--config.data.tokenizer_dir={tokenizer_dir}", f"--config.train.seed={args.seed}",
-               f"--config.train.export_dir={export_dir}"]
+               f"--config.train.export_dir={export_dir}",
+               "--config.train.export_overwrite=true"]  # the demo's own folder: a second run replaces it
   if args.epochs is not None:
     overrides.append(f"--config.train.epochs={args.epochs}")
   config = load_config(_config_path(), overrides)

@@ -171,6 +171,7 @@ def _env() -> dict[str, str]:
   return env
 
 
+@pytest.mark.slow  # tests/test_recipes_end_to_end.py: each SFT recipe SIGKILLed, resumed by the CLI, run dir relative
 def test_sigkilled_run_resumes_to_exactly_the_uninterrupted_losses(assets, reference, tmp_path):
   """The CLI run is SIGKILLed once checkpoint 2 or 4 is complete; the same command again resumes from the
   last complete checkpoint, and every step after it (and every eval) equals the uninterrupted run's.
