@@ -73,6 +73,7 @@ if TYPE_CHECKING:  # eemo_jax.rl imports data_pipeline.tasks; these are imported
 
 EMOVERSE_MAX_PIXELS = 200704  # 256 * 28 * 28, EmoVerse's `emo_200704` SFT data (papers.md §2.3)
 TYPICAL_ASPECT = 4  # frame_budget's default holds any image up to this aspect ratio at max_pixels
+MAX_IMAGES_PER_RECORD = 2  # the most images a builder puts in one record: an EEmo image pair
 EXAMPLES_PER_GROUP = 8  # examples a worker hands over at once
 MIN_SHARED_MEMORY_BYTES = 1 << 24  # arrays from workers below this size are pickled (measured faster up to MBs)
 
@@ -177,14 +178,16 @@ def vision_budgets(config: PipelineConfig) -> tuple[int, int]:
   """(patch_budget, frame_budget): the configured ones, or derived from `max_pixels`.
 
   The default frame budget holds one image of up to `TYPICAL_ASPECT`:1 at max_pixels (longer panoramas
-  are dropped and counted), and the default patch budget one such frame per row.
+  are dropped and counted), and the default patch budget one such frame per row, but never fewer than
+  `MAX_IMAGES_PER_RECORD` frames: a batch of one record (GRPO's one prompt per micro-batch, as in
+  eemo_7b_grpo) must still take an image pair, or every pair question would be dropped as over budget.
   """
   window = config.window_slots
   if window < 1:
     raise ValueError(f"window_size {config.window_size} is smaller than one merged patch "
                      f"({config.merge_size * config.patch_size} pixels)")
   frame = config.frame_budget or _largest_typical_frame(config)
-  patch = config.patch_budget or config.batch_size * frame
+  patch = config.patch_budget or max(config.batch_size, MAX_IMAGES_PER_RECORD) * frame
   for name, value in (("frame_budget", frame), ("patch_budget", patch)):
     if value < window or value % window:
       raise ValueError(f"{name} {value} must be a positive multiple of {window} (the slots of one attention "

@@ -171,6 +171,18 @@ def test_prompt_batches_are_left_padded_generation_prompts(batches, sources, tok
     assert text.startswith(f"<|im_start|>system\n{tasks.EEMO_SYSTEM_MESSAGE}<|im_end|>\n<|im_start|>user\n")
 
 
+def test_one_prompt_per_batch_with_the_default_budgets_still_takes_an_image_pair(tokenizer_dir, tokenizer, sources):
+  """GRPO recipes roll out one prompt per micro-batch (eemo_7b_grpo: 32 completions, G 8, 4 micro-batches); the
+  default vision budgets must hold a pair question's two images, not drop every pair as over budget."""
+  config = config_for(tokenizer_dir, "eemo", batch_size=1, patch_budget=None, frame_budget=None,
+                      max_pixels=112 * 112)
+  found, counters = take(config, sources["eemo"], tokenizer)
+  records = by_id(sources["eemo"])
+  assert sorted(b["ids"][0] for b in found) == sorted(records)  # every record once
+  assert sum(counters.reasons.values()) == 0, counters.reasons
+  assert any(len(records[b["ids"][0]]["images"]) == 2 for b in found)
+
+
 @pytest.mark.parametrize("kind", ["eemo", "emoverse"])
 def test_prompt_inputs_equal_prepare_inputs_on_the_left_padded_rows(batches, sources, tokenizer, tokenizer_dir, kind):
   config = config_for(tokenizer_dir, kind)
