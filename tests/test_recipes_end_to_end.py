@@ -3,10 +3,11 @@
 Each recipe file in configs/ runs as shipped - its dtype (bf16 compute over fp32 masters), remat policy,
 freezing, LoRA, head, objectives, accumulation and schedule - through `python -m eemo_jax.cli train|grpo`, with
 three things replaced: `--config.shrink=tiny` cuts its sizes (eemo_jax.config.shrink: batch, seq_len, pixels,
-4 steps with a checkpoint every 2; nothing else), `model.hf_dir` is a tiny Qwen2.5-VL folder written by
-transformers (the architecture and the starting weights, fitted to answer in the EEmo template so that GRPO's
-rewards are not all 0; the stage-2 recipes start from it too, in place of stage 1's export), and the data are the
-synthetic set.
+4 steps with a checkpoint every 2; nothing else), the starting point of a first stage (`model.init_from`) is a tiny
+Qwen2.5-VL folder written by transformers (the architecture and the starting weights, fitted to answer in the EEmo
+template so that GRPO's rewards are not all 0), and the data are the synthetic set. A second stage starts as
+shipped from its `model.init_from`, the first stage's run directory (runs/<recipe>, relative to the working
+directory the runs share), once that run has been killed, resumed and finished.
 
 Per recipe: the command is SIGKILLed once a checkpoint is complete and the run has logged a step after it; the
 same command again resumes, and its steps equal the ones the killed run logged after that checkpoint, bit for
@@ -174,13 +175,25 @@ def _answer_in_the_template(model, tokenizer, records, steps: int = 200) -> None
   model.eval()
 
 
-def _command(name: str, assets: Assets, run_dir: str, export_dir: str) -> list[str]:
-  """The recipe as a user runs it on the synthetic set from an HF folder, shrunk; paths may be relative."""
+def _first_stage(name: str) -> str | None:
+  """The recipe whose run a second-stage recipe starts from, as its shipped `model.init_from` names it."""
+  init_from = load_config(os.path.join(CONFIGS, f"{name}.py")).model.init_from
+  if not init_from:
+    return None
+  first = os.path.basename(init_from)
+  assert init_from == f"runs/{first}" and first in RECIPES, f"{name} starts from {init_from!r}, not a recipe's run"
+  return first
+
+
+def _command(name: str, assets: Assets) -> list[str]:
+  """The recipe as a user runs it on the synthetic set, shrunk, in the working directory the runs share: a first
+  stage from the HF folder, a second from the first's run directory (its shipped `model.init_from`)."""
   command, kind = RECIPES[name]
+  start = [] if _first_stage(name) else [f"--config.model.init_from={assets.hf_dir}"]
   return [sys.executable, "-m", "eemo_jax.cli", command, "--config", os.path.join(CONFIGS, f"{name}.py"),
-          "--config.shrink=tiny", f"--config.model.hf_dir={assets.hf_dir}", "--config.data.dataset=synthetic",
+          "--config.shrink=tiny", *start, "--config.data.dataset=synthetic",
           f"--config.data.dataset_config={assets.data_configs[kind]}", f"--config.data.data_dir={assets.data_dir}",
-          f"--config.train.run_dir={run_dir}", f"--config.train.export_dir={export_dir}"]
+          f"--config.train.run_dir=runs/{name}", f"--config.train.export_dir=exports/{name}"]
 
 
 def _env(compile_cache) -> dict[str, str]:
@@ -252,41 +265,50 @@ def _run_killed_after_a_checkpoint(command, cwd, env, run_dir, log_path) -> int:
 @dataclasses.dataclass(frozen=True)
 class KilledAndResumed:
   command: list[str]
+  cwd: pathlib.Path  # the working directory the runs share
   run_dir: pathlib.Path
   export_dir: pathlib.Path
   checkpoint: int  # the step the resume started from
   killed: dict[int, dict]  # the killed run's training rows by step
   resumed: dict[int, dict]  # the resumed run's
   resume_log: str  # its stderr
+  killed_log: str  # the killed run's output
 
 
-def _kill_and_resume(name: str, assets: Assets, root: pathlib.Path) -> KilledAndResumed:
+def _kill_and_resume(name: str, assets: Assets, cwd: pathlib.Path, first_stage=None) -> KilledAndResumed:
   """The recipe's command SIGKILLed after a checkpoint, then run again. As the shipped recipes do, the run
-  directory is relative (runs/...) to a working directory that is not the repository's."""
-  cwd = root / name
-  cwd.mkdir()
-  command = _command(name, assets, f"runs/{name}", f"exports/{name}")
-  run_dir, env = cwd / "runs" / name, _env(cwd / "compile_cache")
-  checkpoint = _run_killed_after_a_checkpoint(command, cwd, env, run_dir, cwd / "killed.log")
+  directory is relative (runs/...) to a working directory that is not the repository's. A second stage waits
+  for its first stage's run (`first_stage`, its future) to finish."""
+  if first_stage is not None:
+    first_stage.result()
+  command = _command(name, assets)
+  run_dir, env = cwd / "runs" / name, _env(cwd / "compile_cache" / name)
+  checkpoint = _run_killed_after_a_checkpoint(command, cwd, env, run_dir, cwd / f"{name}.killed.log")
   killed = _rows(run_dir)
   offset = os.path.getsize(run_dir / "metrics.jsonl")
   again = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-  (cwd / "resumed.log").write_text(again.stdout + again.stderr)
+  (cwd / f"{name}.resumed.log").write_text(again.stdout + again.stderr)
   assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
-  return KilledAndResumed(command, run_dir, cwd / "exports" / name, checkpoint, killed, _rows(run_dir, offset=offset),
-                          again.stderr)
+  return KilledAndResumed(command, cwd, run_dir, cwd / "exports" / name, checkpoint, killed,
+                          _rows(run_dir, offset=offset), again.stderr, (cwd / f"{name}.killed.log").read_text())
 
 
 @pytest.fixture(scope="module")
 def killed_and_resumed(assets, tmp_path_factory, request):
-  """recipe -> the future of `_kill_and_resume`, for the recipes selected to run. Two run at a time: a run
-  compiles on one core most of the time, and CI has two."""
-  selected = sorted({item.callspec.params["name"] for item in request.session.items
-                     if item.module is request.module and "killed_and_resumed" in item.fixturenames})
-  root = tmp_path_factory.mktemp("runs")
+  """recipe -> the future of `_kill_and_resume`, for the recipes selected to run and the first stages they start
+  from. Two run at a time: a run compiles on one core most of the time, and CI has two. A first stage is
+  submitted before the second stage that waits for it, so a waiting run never holds up the one it waits for."""
+  selected = {item.callspec.params["name"] for item in request.session.items
+              if item.module is request.module and "killed_and_resumed" in item.fixturenames}
+  first_stages = {name: _first_stage(name) for name in RECIPES}
+  selected |= {first_stages[name] for name in selected if first_stages[name]}
+  cwd = tmp_path_factory.mktemp("runs")
   pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
+  futures = {}
   try:
-    yield {name: pool.submit(_kill_and_resume, name, assets, root) for name in selected}
+    for name in sorted(selected, key=lambda n: (first_stages[n] is not None, n)):
+      futures[name] = pool.submit(_kill_and_resume, name, assets, cwd, futures.get(first_stages[name]))
+    yield futures
   finally:
     pool.shutdown(wait=True, cancel_futures=True)  # after a failure (-x), the runs not yet started never start
 
@@ -296,12 +318,17 @@ def test_recipe_resumes_after_sigkill_and_exports_what_transformers_computes(nam
   run = killed_and_resumed[name].result()
   after_checkpoint = sorted(step for step in run.killed if step > run.checkpoint)
   assert after_checkpoint, (run.checkpoint, sorted(run.killed))
+  first_stage = _first_stage(name)
+  if first_stage:  # it started from the first stage's finished run
+    assert f"starting from run {run.cwd / 'runs' / first_stage}, checkpoint {STEPS}" in run.killed_log, run.killed_log
   assert f"resumed {run.run_dir} at step {run.checkpoint} (checkpoint {run.checkpoint})" in run.resume_log
   assert sorted(run.resumed) == list(range(run.checkpoint + 1, STEPS + 1))
   for step in after_checkpoint:  # losses, gradient norms, lr, rewards, KL, skips: every computed figure
     assert _computed(run.resumed[step]) == _computed(run.killed[step]), (step, run.resumed[step], run.killed[step])
 
   config = load_config(os.path.join(CONFIGS, f"{name}.py"), run.command[run.command.index("--config") + 2:])
+  if not os.path.isabs(config.model.init_from):  # a first stage's run, relative to the runs' working directory
+    config.model.init_from = str(run.cwd / config.model.init_from)
   _check_export_against_transformers(config, str(run.run_dir), str(run.export_dir), assets)
 
 
@@ -313,13 +340,11 @@ def test_recipe_resumes_after_sigkill_and_exports_what_transformers_computes(nam
 def _trained_models(config, run_dir: str):
   """The run's model restored from its last checkpoint (LoRA unmerged, head), as the run computes it and in
   float32: the state `train`/`grpo` build, restored as a resume restores it, on one device."""
-  from data_pipeline.tokenizer import load_tokenizer
   from eemo_jax.parallel.sharding import make_mesh
   from eemo_jax.train import run
   from eemo_jax.train.optimizer import make_optimizer
   from eemo_jax.train.state import abstract_train_state
-  tokenizer = load_tokenizer(config.model.hf_dir)
-  arch = run.model_config(config, tokenizer)
+  _, _, tokenizer, arch = run.run_model_inputs(config)  # from model.init_from: the HF folder, or stage 1's run
   head_cfg = None if config.data.prompt_only else run.head_config(config, arch, tokenizer)
   trainable = run.trainable_set(config, head_cfg is not None)
   settings = run.optimizer_settings(config, STEPS)
