@@ -23,10 +23,8 @@ import glob
 import json
 import os
 import pathlib
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -36,6 +34,7 @@ from flax import nnx
 from eemo_jax.config import ConfigError, load_config
 from eemo_jax.train.checkpointing import RunCheckpoints
 from hf_fixtures import build_hf_model, tiny_hf_config
+from kill_once import kill_once
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")
@@ -241,23 +240,11 @@ def _run_killed_after_a_checkpoint(command, cwd, env, run_dir, log_path) -> int:
 
   The next checkpoint is complete only once the step after the logged one has run and been saved, so the kill
   lands between the two."""
-  with open(log_path, "w") as log:
-    victim = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
-  try:
-    deadline = time.time() + 400
-    while True:
-      assert victim.poll() is None, "the run ended before it could be killed:\n" + log_path.read_text()[-3000:]
-      assert time.time() < deadline, "no checkpoint after 400 s:\n" + log_path.read_text()[-3000:]
-      complete = _complete_checkpoints(run_dir)
-      if complete and max(_logged_steps(run_dir), default=0) > max(complete):
-        os.kill(victim.pid, signal.SIGKILL)
-        break
-      time.sleep(0.02)
-    assert victim.wait(timeout=60) == -signal.SIGKILL
-  finally:
-    if victim.poll() is None:
-      victim.kill()
-      victim.wait()
+  def a_step_after_a_checkpoint() -> bool:
+    complete = _complete_checkpoints(run_dir)
+    return bool(complete) and max(_logged_steps(run_dir), default=0) > max(complete)
+
+  kill_once(command, log_path, a_step_after_a_checkpoint, cwd=cwd, env=env)
   checkpoint = max(_complete_checkpoints(run_dir))
   assert checkpoint < STEPS, "the run saved its last checkpoint before it could be killed"
   return checkpoint

@@ -12,16 +12,15 @@ import io
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import jax
 import numpy as np
 import pytest
 from jax_compiles import compiles_logged
+from kill_once import kill_once
 
 from eemo_jax import cli, status
 from eemo_jax.config import ConfigError, load_config
@@ -154,22 +153,8 @@ def test_sigkill_and_resume_give_the_same_rewards_and_losses(assets, tmp_path):
   done = subprocess.run(_script(tmp_path, assets, reference), env=_env(), capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
   run_dir, log_path = tmp_path / "run", tmp_path / "killed.log"
-  with open(log_path, "w") as log:
-    victim = subprocess.Popen(_script(tmp_path, assets, run_dir), env=_env(), stdout=log, stderr=subprocess.STDOUT)
-  try:
-    deadline = time.time() + 400
-    while True:
-      assert victim.poll() is None, "the run ended before it could be killed:\n" + log_path.read_text()[-3000:]
-      assert time.time() < deadline, "no checkpoint after 400 s"
-      if (run_dir / "checkpoints").is_dir() and {2, 4} & set(_complete_steps(run_dir)):
-        os.kill(victim.pid, signal.SIGKILL)
-        break
-      time.sleep(0.02)
-    victim.wait(timeout=60)
-  finally:
-    if victim.poll() is None:
-      victim.kill()
-      victim.wait()
+  kill_once(_script(tmp_path, assets, run_dir), log_path,
+            lambda: (run_dir / "checkpoints").is_dir() and bool({2, 4} & set(_complete_steps(run_dir))), env=_env())
   complete = max(_complete_steps(run_dir))
   offset = os.path.getsize(run_dir / "metrics.jsonl")
   again = subprocess.run(_script(tmp_path, assets, run_dir), env=_env(), capture_output=True, text=True, timeout=600)

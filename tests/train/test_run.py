@@ -11,15 +11,14 @@ import math
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 import pytest
 from jax_compiles import compiles_logged
+from kill_once import kill_once
 from run_assets import Assets, build_assets
 
 from eemo_jax import cli, status
@@ -180,23 +179,9 @@ def test_sigkilled_run_resumes_to_exactly_the_uninterrupted_losses(assets, refer
   directory other than the repository's: Orbax accepts only absolute paths."""
   ref_dir = reference[0]
   run_dir, log_path = tmp_path / "runs" / "x", tmp_path / "killed.log"
-  with open(log_path, "w") as log:
-    victim = subprocess.Popen(_command(assets, "runs/x"), cwd=tmp_path, env=_env(), stdout=log,
-                              stderr=subprocess.STDOUT)
-  try:
-    deadline = time.time() + 400
-    while True:
-      assert victim.poll() is None, "the run ended before it could be killed:\n" + log_path.read_text()
-      assert time.time() < deadline, "no checkpoint after 400 s:\n" + log_path.read_text()
-      if (run_dir / "checkpoints").is_dir() and {2, 4} & set(_steps_on_disk(run_dir)):
-        os.kill(victim.pid, signal.SIGKILL)
-        break
-      time.sleep(0.02)
-    assert victim.wait(timeout=60) == -signal.SIGKILL
-  finally:
-    if victim.poll() is None:
-      victim.kill()
-      victim.wait()
+  kill_once(_command(assets, "runs/x"), log_path,
+            lambda: (run_dir / "checkpoints").is_dir() and bool({2, 4} & set(_steps_on_disk(run_dir))),
+            cwd=tmp_path, env=_env())
 
   before_kill = _by_step(_rows(run_dir))
   complete = _steps_on_disk(run_dir)
