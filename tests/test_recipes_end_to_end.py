@@ -313,6 +313,9 @@ def test_recipe_resumes_after_sigkill_and_exports_what_transformers_computes(nam
   assert sorted(run.resumed) == list(range(run.checkpoint + 1, STEPS + 1))
   for step in after_checkpoint:  # losses, gradient norms, lr, rewards, KL, skips: every computed figure
     assert _computed(run.resumed[step]) == _computed(run.killed[step]), (step, run.resumed[step], run.killed[step])
+  # Every record of the synthetic set fits the shrunk recipe, image pairs included (a one-prompt GRPO micro-batch
+  # once dropped every pair question as over the vision budget).
+  assert all(row["skipped"] == 0 for row in [*run.killed.values(), *run.resumed.values()]), run.resumed[STEPS]
 
   config = load_config(os.path.join(CONFIGS, f"{name}.py"), run.command[run.command.index("--config") + 2:])
   if not os.path.isabs(config.model.init_from):  # a first stage's run, relative to the runs' working directory
