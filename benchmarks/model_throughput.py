@@ -18,8 +18,10 @@ a child process that never starts a JAX runtime (see TorchWorker) and times its 
    torch: `model(**inputs)` under `torch.inference_mode()`, eager and sdpa attention.
 2. Greedy decode: `generate(..., max_new_tokens=n)` for n = 1 and n = NEW (32) in both frameworks;
    decode-only time per step = (T(NEW) - T(1)) / (NEW - 1); both T include host prep + prefill.
-3. Machine limits: fp32 2048^2 matmul (jnp.dot and torch.mm, best of N) and memory bandwidth
-   (512 MB sum = read, and 512 MB x+1 = read+write, both frameworks).
+3. Machine limits: fp32 2048^2 matmul (jnp.dot and torch.mm, best of N), memory bandwidth
+   (512 MB sum = read, and 512 MB x+1 = read+write, both frameworks), and how fast each framework's
+   matmuls stream decode-shaped weights (4 rows through 256 MB of `small` decoder projections: the
+   ceiling of a decode step's weight bandwidth with those kernels; `decode_matmul_stream`).
 4. JAX compile times: prefill (lower+compile) and generate (first call minus steady state).
 5. GRPO rollouts (JAX only, `--group-size` G, default 4): B prompts with one `--rollout-image` (112x112)
    image each, G sampled completions of `--rollout-tokens` (32) tokens per prompt, by the prefix-shared
@@ -214,10 +216,74 @@ def machine_limits(repeats: int, worker: "TorchWorker", n: int = 2048, mbytes: i
   nbytes = count * 4
   bandwidth = {k: (nbytes if k.endswith("sum") else 2 * nbytes) / min(v) / 1e9 for k, v in bw.items()}
   del jx, jbuf
+  stream = decode_matmul_stream(repeats, worker)
+  limits_foreign.append(FOREIGN_CPU[-1])
   return {"foreign_cpu": limits_foreign,
           "matmul_gflops": matmul, "peak_gflops": max(matmul.values()), "matmul_n": n,
           "bandwidth_gbs": bandwidth, "bytes_mb": mbytes,
-          "read_bandwidth_gbs": max(bandwidth["jax_sum"], bandwidth["torch_sum"])}
+          "read_bandwidth_gbs": max(bandwidth["jax_sum"], bandwidth["torch_sum"]),
+          "decode_matmul_stream": stream}
+
+
+# The projections of one `small` decoder layer (hidden 512, 8 query heads x 64, 4 KV heads x 64, MLP 1536) as
+# (name, in, out), in the order a decode step runs them.
+STREAM_LAYER = (("q", 512, 512), ("k", 512, 256), ("v", 512, 256), ("o", 512, 512), ("gate", 512, 1536),
+                ("up", 512, 1536), ("down", 1536, 512))
+
+
+def streams_config(cfg) -> bool:
+  """Whether `decode_matmul_stream` streams this config's decoder projections (its ceiling applies)."""
+  t = cfg.text
+  kv = t.num_key_value_heads * t.head_dim
+  return STREAM_LAYER == (("q", t.hidden_size, t.num_attention_heads * t.head_dim), ("k", t.hidden_size, kv),
+                          ("v", t.hidden_size, kv), ("o", t.num_attention_heads * t.head_dim, t.hidden_size),
+                          ("gate", t.hidden_size, t.intermediate_size), ("up", t.hidden_size, t.intermediate_size),
+                          ("down", t.intermediate_size, t.hidden_size))
+
+
+def stream_layers(mbytes: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+  """Distinct random layers of STREAM_LAYER's projections, `mbytes` of fp32 kernels in all (8x the L3 of
+  the dev VM, so every step reads them from memory, as the decode step reads its weights)."""
+  rs = np.random.RandomState(seed)
+  per_layer = sum(i * o for _, i, o in STREAM_LAYER) * 4
+  return [{name: (rs.randn(i, o) * 0.02).astype(np.float32) for name, i, o in STREAM_LAYER}
+          for _ in range(max(1, mbytes * 2**20 // per_layer))]
+
+
+def stream_chain(x, layers, mm, silu, cat):
+  """What a decode step's projections compute, nothing else: x (rows, 512) through every layer."""
+  for w in layers:
+    q, k, v = mm(x, w["q"]), mm(x, w["k"]), mm(x, w["v"])
+    x = x + mm(q * 0.01 + cat(k, v), w["o"])
+    x = 0.5 * (x + mm(silu(mm(x, w["gate"])) * mm(x, w["up"]), w["down"]))
+  return x
+
+
+def decode_matmul_stream(repeats: int, worker: "TorchWorker", rows: int = 4, mbytes: int = 256) -> dict:
+  """How fast each framework's matmuls stream decode-shaped weights from memory: `rows` rows (the decode
+  batch) through `mbytes` of distinct `small`-shaped decoder projections, nothing but the matmuls.
+
+  A matmul with a handful of rows reads each kernel once and does little else, so this is the ceiling
+  of a decode step's weight bandwidth with these kernels, on this machine, measured beside the decode
+  it bounds (the sum above is the memory's; a library's small-row matmul need not reach it).
+  Returns GB/s per framework and the bytes.
+  """
+  import jax
+  import jax.numpy as jnp
+
+  layers = stream_layers(mbytes)
+  nbytes = sum(w.nbytes for layer in layers for w in layer.values())
+  jlayers = jax.device_put(layers)
+  x = jax.device_put(np.ones((rows, STREAM_LAYER[0][1]), np.float32))
+  chain = jax.jit(lambda x, ws: stream_chain(x, ws, jnp.dot, jax.nn.silu, lambda a, b: jnp.concatenate([a, b], -1)))
+  worker.call("stream_setup", layers, rows)
+  del layers
+  times = race({"jax": lambda: chain(x, jlayers).block_until_ready(),
+                "torch": lambda: Remote(worker.call("op", "stream"))}, repeats=max(repeats, 5), warmup=2)
+  worker.call("limits_free")
+  return {"gbs": {k: nbytes / min(v) / 1e9 for k, v in times.items()},
+          "median_gbs": {k: nbytes / med(v) / 1e9 for k, v in times.items()}, "bytes_mb": nbytes / 1e6,
+          "rows": rows, "layer": [list(x) for x in STREAM_LAYER]}
 
 
 # ------------------------------------------------------------------------------------------ torch worker
@@ -319,13 +385,22 @@ def _torch_handle(state: dict, op: str, *args):
     count = mbytes * 2**20 // 4
     state["x"], state["y"] = torch.ones(count), torch.empty(count)
     return None
+  if op == "stream_setup":
+    layers, rows = args
+    state["stream"] = [{k: torch.from_numpy(v) for k, v in layer.items()} for layer in layers]
+    state["stream_x"] = torch.ones(rows, layers[0]["q"].shape[0])
+    return None
   if op == "limits_free":
-    for k in ("a", "b", "out", "x", "y"):
+    for k in ("a", "b", "out", "x", "y", "stream", "stream_x"):
       state.pop(k, None)
     return None
   if op == "op":
+    def stream():
+      with torch.inference_mode():
+        return stream_chain(state["stream_x"], state["stream"], torch.mm, torch.nn.functional.silu,
+                            lambda a, b: torch.cat([a, b], -1))
     fn = {"mm": lambda: torch.mm(state["a"], state["b"], out=state["out"]), "sum": lambda: state["x"].sum(),
-          "copy": lambda: torch.add(state["x"], 1.0, out=state["y"])}[args[0]]
+          "copy": lambda: torch.add(state["x"], 1.0, out=state["y"]), "stream": stream}[args[0]]
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
@@ -617,6 +692,9 @@ def bench_decode(name, cfg, model, data, args, limits, worker: TorchWorker) -> d
                 "end_to_end_tokens_per_s": b * new / tn,
                 "weight_bw_gbs": wb["weight_bytes"] / step / 1e9,
                 "bw_fraction": wb["weight_bytes"] / step / 1e9 / limits["read_bandwidth_gbs"],
+                # Only where the config's projections are the ones streamed (`small`); None otherwise.
+                "matmul_stream_fraction": (wb["weight_bytes"] / step / 1e9 / max(
+                    limits["decode_matmul_stream"]["gbs"].values()) if streams_config(cfg) else None),
                 "times_ms": {str(n): [1e3 * x for x in times[f"{who}/{n}"]] for n in (1, new)}}
   for impl in IMPLS:  # cross-check: HF's own per-step intervals (forward + logits processing + bookkeeping)
     steps = worker.call("in_loop", impl)
@@ -726,6 +804,11 @@ def print_table(limits: dict, results: list[dict], new: int) -> None:
   bw = limits["bandwidth_gbs"]
   print("  %d MB bandwidth GB/s: sum jax %.1f, torch %.1f; x+1 (read+write) jax %.1f, torch %.1f -> read BW %.1f" % (
       limits["bytes_mb"], bw["jax_sum"], bw["torch_sum"], bw["jax_copy"], bw["torch_copy"], limits["read_bandwidth_gbs"]))
+  st = limits["decode_matmul_stream"]
+  print("  decode-shaped matmuls (%d rows through %.0f MB of `small` decoder projections) GB/s: jax %.1f, torch %.1f"
+        " = %.0f%% / %.0f%% of the read BW" % (st["rows"], st["bytes_mb"], st["gbs"]["jax"], st["gbs"]["torch"],
+                                               100 * st["gbs"]["jax"] / limits["read_bandwidth_gbs"],
+                                               100 * st["gbs"]["torch"] / limits["read_bandwidth_gbs"]))
   rows = []
   hdr = ("config", "metric", "JAX", "torch eager", "torch sdpa", "ref", "JAX/ref", "best-of", "target", "ok")
   for r in results:
@@ -766,6 +849,10 @@ def print_table(limits: dict, results: list[dict], new: int) -> None:
       rows.append((name, "decode weight-BW fraction", f"{d['jax']['bw_fraction']:.1%}",
                    f"{d['torch_eager']['bw_fraction']:.1%}", f"{d['torch_sdpa']['bw_fraction']:.1%}", "", "", "",
                    f">={bw_tgt:.0%}" if bw_tgt else "", _ok(d["jax"]["bw_fraction"], bw_tgt)))
+      if d["jax"]["matmul_stream_fraction"] is not None:
+        rows.append((name, "  of the decode-shaped matmul stream", f"{d['jax']['matmul_stream_fraction']:.1%}",
+                     f"{d['torch_eager']['matmul_stream_fraction']:.1%}",
+                     f"{d['torch_sdpa']['matmul_stream_fraction']:.1%}", "", "", "", ""))
       ref_name, ref_tps = best_ref(d, "end_to_end_tokens_per_s")
       rows.append((name, f"generate {new} tok/s end-to-end", f"{d['jax']['end_to_end_tokens_per_s']:.0f}",
                    f"{d['torch_eager']['end_to_end_tokens_per_s']:.0f}", f"{d['torch_sdpa']['end_to_end_tokens_per_s']:.0f}",
