@@ -93,7 +93,7 @@ def time_step(config, attention: str, steps: int) -> dict:
 
   config = config.copy_and_resolve_references()
   config.model.attention = attention
-  parts = sft_step_parts(config, jax.devices())  # the architecture of a preset or model.hf_dir; weights random
+  parts = sft_step_parts(config, jax.devices())  # the architecture model_choice picks; weights random
   mesh, rules, pcfg = parts.mesh, parts.rules, parts.pcfg
   result = {"attention": attention, "rows": pcfg.batch_size, "microbatches": pcfg.microbatches,
             "seq_len": pcfg.seq_len, "mesh": dict(mesh.shape)}

@@ -6,7 +6,8 @@ and prints per-device memory against the chip's HBM and the compiler's cost esti
 allocated: the train state and the batch are abstract. For a GRPO config (`data.prompt_only`) it
 compiles the two programs of `eemo-jax grpo` instead: the rollout of one micro-batch of prompts (vision,
 prefill, the repeated cache and the decode loop) and the update step (every micro-batch's policy forward
-and backward, and the optimizer), and reports both. Needs the `tpu` extra, which pins the libtpu matching
+and backward, and the optimizer), and reports both. The architecture is the one the run will build (`model_choice`: `model.init_from`'s when
+it exists here, else `model.hf_dir`'s or the preset), named in the report. Needs the `tpu` extra, which pins the libtpu matching
 jax, and the `data` extra, whose input pipeline gives the batch shapes (`pip install 'eemo-jax[data,tpu]'`).
 """
 
@@ -51,6 +52,7 @@ class AotReport:
   compile_seconds: float
 
   program: str = "train step"
+  model: str = ""  # where the architecture came from (`model_choice`)
 
   @property
   def total_bytes(self) -> int:
@@ -92,6 +94,7 @@ class SftStepParts:
   mesh: object
   rules: tuple
   tokenizer: object
+  model_source: str = ""  # `ModelChoice.source`
 
   def model(self, config):
     """A randomly initialised model (traceable: pass it as a factory)."""
@@ -108,16 +111,16 @@ class SftStepParts:
 def sft_step_parts(config, devices, batch_size: int | None = None) -> SftStepParts:
   """The config's model architecture, head, freezing, optimizer, batch shapes and mesh over `devices`.
 
-  The architecture is the HF folder's or the preset's (with the tokenizer's ids when there is one);
-  `batch_size` replaces the rows of a microbatch. Used by `eemo-jax aot` and the accelerator benchmark.
+  The architecture is `model_choice`'s; `batch_size` replaces the rows of a microbatch. Used by
+  `eemo-jax aot` and the accelerator benchmark.
   """
   from eemo_jax.parallel.sharding import make_mesh
   from eemo_jax.train import run as runlib
   from eemo_jax.train.optimizer import make_optimizer
 
   mesh = make_mesh(dict(config.mesh.items()), devices=devices)
-  tokenizer = _tokenizer(config)
-  arch = runlib.model_config(config, tokenizer) if tokenizer is not None else _preset_or_folder(config)
+  choice = model_choice(config)
+  arch, tokenizer = choice.arch, choice.tokenizer
   head_cfg = runlib.head_config(config, arch, tokenizer) if config.head.kind != "token" or tokenizer else None
   pcfg = runlib.pipeline_config(config, arch)
   if batch_size:
@@ -125,7 +128,8 @@ def sft_step_parts(config, devices, batch_size: int | None = None) -> SftStepPar
   runlib.check_rows_shard(pcfg.batch_size, mesh)  # one process here holds the whole global batch
   return SftStepParts(arch=arch, head_cfg=head_cfg, trainable=runlib.trainable_set(config, head_cfg is not None),
                       optimizer=make_optimizer(runlib.optimizer_settings(config, total_steps=1000)), pcfg=pcfg,
-                      mesh=mesh, rules=tuple(tuple(r) for r in config.rules), tokenizer=tokenizer)
+                      mesh=mesh, rules=tuple(tuple(r) for r in config.rules), tokenizer=tokenizer,
+                      model_source=choice.source)
 
 
 def _compile(lowered, topology: str, devices, mesh, program: str = "train step"):
@@ -141,7 +145,7 @@ def _compile(lowered, topology: str, devices, mesh, program: str = "train step")
   return compiled, time.time() - started
 
 
-def _report(compiled, seconds, topology, devices, mesh, analytic_flops, program) -> AotReport:
+def _report(compiled, seconds, topology, devices, mesh, analytic_flops, program, model: str = "") -> AotReport:
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -153,7 +157,7 @@ def _report(compiled, seconds, topology, devices, mesh, analytic_flops, program)
       code_bytes=int(memory.generated_code_size_in_bytes),
       hbm_bytes=next((v for k, v in HBM_BYTES.items() if kind == k), None),
       compiler_flops=float(cost.get("flops", 0.0)) if cost else None, analytic_flops=analytic_flops,
-      compile_seconds=seconds, program=program)
+      compile_seconds=seconds, program=program, model=model)
 
 
 def compile_grpo_for_topology(config, topology: str) -> list[AotReport]:
@@ -180,8 +184,8 @@ def compile_grpo_for_topology(config, topology: str) -> list[AotReport]:
   grpolib.check_reference_policy(config, loss)
   mesh = make_mesh(dict(config.mesh.items()), devices=devices)
   rules = tuple(tuple(r) for r in config.rules)
-  tokenizer = _tokenizer(config)
-  arch = runlib.model_config(config, tokenizer) if tokenizer is not None else _preset_or_folder(config)
+  choice = model_choice(config)
+  arch, tokenizer = choice.arch, choice.tokenizer
   g = settings.num_generations
   pcfg = grpolib.prompt_pipeline_config(config, arch, settings)
   if config.aot.batch_size:
@@ -210,7 +214,7 @@ def compile_grpo_for_topology(config, topology: str) -> list[AotReport]:
             np.float32(settings.top_p), np.full((4,), -1, np.int32), np.int32(0))
     program = f"rollout ({prompts} prompts x {g} completions of {steps} tokens)"
     compiled, seconds = _compile(rollout.jitted.lower(*args), topology, devices, mesh, program)
-    reports.append(_report(compiled, seconds, topology, devices, mesh, None, program))
+    reports.append(_report(compiled, seconds, topology, devices, mesh, None, program, choice.source))
 
     # The update: accum micro-batches of `prompts` groups, as the loop stacks them.
     rows = prompts * g
@@ -230,7 +234,7 @@ def compile_grpo_for_topology(config, topology: str) -> list[AotReport]:
     program = f"update step ({accum} x {rows} completions of {steps} tokens after {pcfg.seq_len}-token prompts)"
     compiled, seconds = _compile(jit_grpo_step(step, state, update, mesh, rules).lower(state, update), topology,
                                  devices, mesh, program)
-    reports.append(_report(compiled, seconds, topology, devices, mesh, None, program))
+    reports.append(_report(compiled, seconds, topology, devices, mesh, None, program, choice.source))
   return reports
 
 
@@ -259,23 +263,61 @@ def compile_for_topology(config, topology: str) -> AotReport:
     compiled, seconds = _compile(jit_train_step(step, state, batch, mesh, rules).lower(state, batch), topology,
                                  devices, mesh)
   return _report(compiled, seconds, topology, devices, mesh,
-                 runlib.step_flops(parts.arch, parts.head_cfg, batch, config), "train step")
+                 runlib.step_flops(parts.arch, parts.head_cfg, batch, config), "train step", parts.model_source)
 
 
-def _tokenizer(config):
-  folder = config.data.tokenizer_dir or config.model.hf_dir
-  if not folder:
-    return None
-  from data_pipeline.tokenizer import load_tokenizer
-  return load_tokenizer(folder)
+@dataclasses.dataclass(frozen=True)
+class ModelChoice:
+  """The architecture an AOT check compiles for, the tokenizer (or None), and where they came from."""
+  arch: object  # Qwen25VLConfig
+  tokenizer: object  # TextTokenizer | None
+  source: str
 
 
-def _preset_or_folder(config):
+def model_choice(config) -> ModelChoice:
+  """The architecture `eemo-jax train` / `grpo` would build for `config`, as far as this machine can see it.
+
+  `model.init_from`'s (an HF folder, a checkpoint or a run directory, as the run reads it) when it names
+  one that exists; an AOT check often plans a stage before the run it starts from exists (the shipped
+  second stages name their first stage's run directory), so a missing one falls back to the preset, and
+  the report says so. Without `init_from`: `model.hf_dir`'s, else the preset, with the tokenizer's ids
+  when there is a tokenizer (`data.tokenizer_dir`, else the source's).
+  """
+  from eemo_jax.config import ConfigError
   from eemo_jax.model.config import preset
+  from eemo_jax.train import init_from
+  from eemo_jax.train import run as runlib
+
+  fallback = ""
+  if str(config.model.init_from):
+    if config.model.hf_dir:
+      init_from.resolve(config)  # raises: both are set
+    try:
+      source = init_from.resolve(config)
+    except ConfigError as error:
+      fallback = f" ({error}; compiled for the preset instead)"
+    else:
+      return ModelChoice(source.arch, _tokenizer(config.data.tokenizer_dir or source.tokenizer_dir,
+                                                 strict=bool(config.data.tokenizer_dir)),
+                         f"from model.init_from: {source.describe()}")
+  tokenizer = _tokenizer(config.data.tokenizer_dir or config.model.hf_dir, strict=bool(config.data.tokenizer_dir))
+  if tokenizer is not None:
+    where = f"the HF folder {config.model.hf_dir}" if config.model.hf_dir else f"the preset {config.model.preset}"
+    return ModelChoice(runlib.model_config(config, tokenizer), tokenizer, f"{where}, the tokenizer's ids{fallback}")
   if config.model.hf_dir:
     from eemo_jax.hf.load import read_config
-    return read_config(config.model.hf_dir)
-  return preset(config.model.preset)
+    return ModelChoice(read_config(config.model.hf_dir), None, f"the HF folder {config.model.hf_dir}")
+  return ModelChoice(preset(config.model.preset), None, f"the preset {config.model.preset}{fallback}")
+
+
+def _tokenizer(folder: str, *, strict: bool = False):
+  """The tokenizer in `folder`; None where there is no folder, or no tokenizer.json in a model folder (which
+  need not hold one). `strict` (`data.tokenizer_dir`, named for its tokenizer) makes a missing one an error."""
+  from eemo_jax import paths
+  from eemo_jax.train import run as runlib
+  if not folder or (not strict and not paths.isfile(paths.join(folder, "tokenizer.json"))):
+    return None
+  return runlib.load_run_tokenizer(folder)
 
 
 def _gib(n: int) -> str:
@@ -286,6 +328,7 @@ def describe(report: AotReport) -> str:
   lines = [
       f"{report.program}",
       f"topology {report.topology}: {report.num_devices} x {report.device_kind}, mesh {report.mesh}",
+      *([f"model {report.model}"] if report.model else []),
       f"compiled in {report.compile_seconds:.1f} s",
       "per device:",
       f"  arguments    {_gib(report.argument_bytes)}  (train state shard + batch shard)",

@@ -49,3 +49,53 @@ def test_a_grpo_config_compiles_the_rollout_and_the_update_step():
   assert "rollout (4 prompts x 4 completions of 48 tokens)" in out
   assert "update step (1 x 16 completions of 48 tokens after 448-token prompts)" in out
   assert out.count("fits (") == 2 and "DOES NOT FIT" not in out
+  assert out.count("model the preset tiny") == 2
+
+
+# --------------------------------------------------------------------------------------------------
+# Which architecture the check compiles for (no compile: `model_choice` alone)
+# --------------------------------------------------------------------------------------------------
+
+
+def _config(*overrides):
+  from eemo_jax.config import load_config
+  return load_config(os.path.join(REPO, "configs", "tiny_grpo.py"), list(overrides))
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+  """A transformers Qwen2.5-VL folder whose decoder is not the `tiny` preset's (3 layers, MLP 80)."""
+  from hf_fixtures import save_hf_model, tiny_hf_config
+  folder = str(tmp_path_factory.mktemp("aot_hf"))
+  save_hf_model(folder, tiny_hf_config(text_layers=3, intermediate_size=80))
+  return folder
+
+
+def test_the_model_init_from_names_is_what_compiles(hf_folder):
+  """A run starts from `model.init_from`'s architecture, so the AOT check of that run compiles that one."""
+  from eemo_jax.commands.aot import model_choice
+  from eemo_jax.hf.load import read_config
+  from eemo_jax.model.config import preset
+  choice = model_choice(_config(f"--config.model.init_from={hf_folder}"))
+  assert choice.arch == read_config(hf_folder) != preset("tiny")
+  assert (choice.arch.text.num_hidden_layers, choice.arch.text.intermediate_size) == (3, 80)
+  assert choice.source == f"from model.init_from: the HF folder {hf_folder}"
+
+
+def test_a_stage_planned_before_its_first_stage_exists_compiles_the_preset_and_says_so(tmp_path):
+  from eemo_jax.commands.aot import model_choice
+  from eemo_jax.model.config import preset
+  missing = str(tmp_path / "runs" / "stage1")
+  choice = model_choice(_config(f"--config.model.init_from={missing}"))
+  assert choice.arch == preset("tiny")
+  assert choice.source.startswith("the preset tiny (model.init_from: ") and missing in choice.source
+  assert f"{missing} does not exist" in choice.source and choice.source.endswith("compiled for the preset instead)")
+
+
+def test_conflicting_or_missing_model_fields_are_refused(hf_folder, tmp_path):
+  from eemo_jax.commands.aot import model_choice
+  from eemo_jax.config import ConfigError
+  with pytest.raises(ConfigError, match="are both set"):
+    model_choice(_config(f"--config.model.init_from={hf_folder}", f"--config.model.hf_dir={hf_folder}"))
+  with pytest.raises(ConfigError, match="tokenizer"):  # named for its tokenizer, it must hold one
+    model_choice(_config(f"--config.data.tokenizer_dir={tmp_path}"))
