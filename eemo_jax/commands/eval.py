@@ -66,6 +66,21 @@ def _from_file(args) -> str:
   return f"scored {len(scored)} items of {model}\n{headline(metrics)}\nreport: {paths['report']}"
 
 
+def _no_model_message(config) -> str:
+  """What to do when `eval --config` finds no model: the run's own checkpoints, when it has some, are one
+  `export-hf` away (a run killed or stopped before its end has no export yet)."""
+  from eemo_jax import paths
+  from eemo_jax.train.saved_run import is_run_dir
+  run_dir, export = config.train.run_dir, config.train.export_dir
+  if run_dir and paths.isdir(run_dir) and is_run_dir(run_dir):
+    then = "(this command then reads it)" if export else "and pass --hf-dir DIR"
+    return (f"no model to evaluate: the run {run_dir} has no export yet ({export or 'train.export_dir is empty'}"
+            f"{' has no config.json' if export else ''}); export its newest checkpoint with `eemo-jax export-hf "
+            f"{run_dir} {export or 'DIR'}` {then}, or pass --hf-dir / --checkpoint")
+  return ("no model to evaluate: pass --hf-dir or --checkpoint (the config names no export that exists, no "
+          "run directory with checkpoints, and no model.hf_dir)")
+
+
 def _from_model(args) -> str | None:
   import dataclasses
 
@@ -86,8 +101,7 @@ def _from_model(args) -> str | None:
     export = config.train.export_dir
     hf_dir = export if export and paths.exists(paths.join(export, "config.json")) else config.model.hf_dir
     if not hf_dir:
-      raise ConfigError("no model to evaluate: pass --hf-dir or --checkpoint (the config names no export or "
-                        "model.hf_dir)")
+      raise ConfigError(_no_model_message(config))
   from data_pipeline.pipeline import PipelineConfig, load_source
   d = config.data  # the records are opened before minutes of weight loading, to fail first if they are not there
   load_source(PipelineConfig(dataset=d.dataset, data_dir=d.data_dir, split=config.eval.split,
