@@ -20,7 +20,7 @@ a child process that never starts a JAX runtime (see TorchWorker) and times its 
    decode-only time per step = (T(NEW) - T(1)) / (NEW - 1); both T include host prep + prefill.
 3. Machine limits: fp32 2048^2 matmul (jnp.dot and torch.mm, best of N), memory bandwidth
    (512 MB sum = read, and 512 MB x+1 = read+write, both frameworks), and how fast each framework's
-   matmuls stream decode-shaped weights (4 rows through 256 MB of `small` decoder projections: the
+   matmuls stream decode-shaped weights (4 rows through 256 MiB of `small` decoder projections: the
    ceiling of a decode step's weight bandwidth with those kernels; `decode_matmul_stream`).
 4. JAX compile times: prefill (lower+compile) and generate (first call minus steady state).
 5. GRPO rollouts (JAX only, `--group-size` G, default 4): B prompts with one `--rollout-image` (112x112)
@@ -242,7 +242,7 @@ def streams_config(cfg) -> bool:
 
 
 def stream_layers(mbytes: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
-  """Distinct random layers of STREAM_LAYER's projections, `mbytes` of fp32 kernels in all (8x the L3 of
+  """Distinct random layers of STREAM_LAYER's projections, about `mbytes` MiB of fp32 kernels (8x the L3 of
   the dev VM, so every step reads them from memory, as the decode step reads its weights)."""
   rs = np.random.RandomState(seed)
   per_layer = sum(i * o for _, i, o in STREAM_LAYER) * 4
@@ -261,7 +261,7 @@ def stream_chain(x, layers, mm, silu, cat):
 
 def decode_matmul_stream(repeats: int, worker: "TorchWorker", rows: int = 4, mbytes: int = 256) -> dict:
   """How fast each framework's matmuls stream decode-shaped weights from memory: `rows` rows (the decode
-  batch) through `mbytes` of distinct `small`-shaped decoder projections, nothing but the matmuls.
+  batch) through `mbytes` MiB of distinct `small`-shaped decoder projections, nothing but the matmuls.
 
   A matmul with a handful of rows reads each kernel once and does little else, so this is the ceiling
   of a decode step's weight bandwidth with these kernels, on this machine, measured beside the decode

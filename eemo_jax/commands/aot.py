@@ -6,9 +6,10 @@ and prints per-device memory against the chip's HBM and the compiler's cost esti
 allocated: the train state and the batch are abstract. For a GRPO config (`data.prompt_only`) it
 compiles the two programs of `eemo-jax grpo` instead: the rollout of one micro-batch of prompts (vision,
 prefill, the repeated cache and the decode loop) and the update step (every micro-batch's policy forward
-and backward, and the optimizer), and reports both. The architecture is the one the run will build (`model_choice`: `model.init_from`'s when
-it exists here, else `model.hf_dir`'s or the preset), named in the report. Needs the `tpu` extra, which pins the libtpu matching
-jax, and the `data` extra, whose input pipeline gives the batch shapes (`pip install 'eemo-jax[data,tpu]'`).
+and backward, and the optimizer), and reports both. The architecture is the one the run will build
+(`model_choice`: `model.init_from`'s when it exists here, else `model.hf_dir`'s or the preset), named in
+the report. Needs the `tpu` extra, which pins the libtpu matching jax, and the `data` extra, whose input
+pipeline gives the batch shapes (`pip install 'eemo-jax[data,tpu]'`).
 """
 
 from __future__ import annotations
@@ -290,11 +291,11 @@ def model_choice(config) -> ModelChoice:
 
   fallback = ""
   if str(config.model.init_from):
-    if config.model.hf_dir:
-      init_from.resolve(config)  # raises: both are set
     try:
       source = init_from.resolve(config)
     except ConfigError as error:
+      if config.model.hf_dir:
+        raise  # both fields set: a config to fix, not a first stage still to run
       fallback = f" ({error}; compiled for the preset instead)"
     else:
       return ModelChoice(source.arch, _tokenizer(config.data.tokenizer_dir or source.tokenizer_dir,
