@@ -395,9 +395,18 @@ _AFTER_QUOTE_RE = re.compile(r"[.!?;:,]*[\"'\u201d]?[.!?;:,]*")
 _BETWEEN_QUOTES_RE = re.compile(r"[\s,;|/-]*")
 # The benchmark's options say "picture" or "Figure" where answers say "image": one word to the parser.
 _PICTURE_WORD_RE = re.compile(r"\b(?:picture|image|figure|photograph|photo)(?P<plural>s?)\b", re.IGNORECASE)
+# Rule 7: a yes/no question about every one of the images, or about at least one, and the image a sentence
+# answers for ("Image 2:", "for the first image", after `_same_picture_word`).
+_EVERY_IMAGE_RE = re.compile(r"\b(?:each|both|every|all)\b", re.IGNORECASE)
+_SOME_IMAGE_RE = re.compile(r"\b(?:either|any|at least one)\b", re.IGNORECASE)
+_IMAGE_NAMED_RE = re.compile(r"\bpicture[ \t]*#?[ \t]*(?P<number>[1-9])\b"
+                             r"|\b(?P<ordinal>first|second|third|fourth|1st|2nd|3rd|4th|left|right)[ \t]+picture\b",
+                             re.IGNORECASE)
+_IMAGE_ORDINALS = {"first": 1, "1st": 1, "left": 1, "second": 2, "2nd": 2, "right": 2, "third": 3, "3rd": 3,
+                   "fourth": 4, "4th": 4}
 
 
-def read_free_choice(text: str, options, *, strict: bool = False) -> str | None:
+def read_free_choice(text: str, options, *, strict: bool = False, question: str | None = None) -> str | None:
   """The option letter a free-text answer chooses, or None when it names no option or several.
 
   For external models, whose answers are free text ("B: Yes.", "(C) Sadness", "the closest option would be:
@@ -428,6 +437,14 @@ def read_free_choice(text: str, options, *, strict: bool = False) -> str | None:
      "1." or a label such as "Option A:", "Image 1:") it stays a sentence of its own, so that the first item
      of a walk-through of the options is not taken for an answer given first.
   6. The deciding sentence must name exactly one letter; two different letters give None.
+  7. One answer per image to a yes/no question about every image ("does each image contain joy?", "do both
+     images ...") or about at least one ("does either image ..."): when the deciding sentence and the
+     option-naming sentences next to it each name one image and one option ("- Image 1: B: No." /
+     "- Image 2: A: Yes."), two images or more, the answer is what the question asks of them together: Yes
+     only when every image's answer is Yes (or, for "either", when one is). Needs the `question`; without
+     it, or in strict reading, rule 6 alone decides. A person grading the answer reads it so, and so does the
+     benchmark's judge on most such items (the rule takes agreement on EEmo-Bench's GPT-4o pair file from
+     2,004 to 2,006 of 2,012).
   """
   choices = _lettered(options)
   if not choices:
@@ -446,8 +463,53 @@ def read_free_choice(text: str, options, *, strict: bool = False) -> str | None:
   breaks = [m.end() for m in _SENTENCE_BREAK_RE.finditer(text)]
   sentence = lambda start: bisect.bisect_right(breaks, start)  # noqa: E731
   deciding = 0 if sentence(mentions[0][0]) == 0 else sentence(mentions[-1][0])
+  if question is not None and not strict:
+    together = _answer_for_every_image(question, text, texts, mentions, breaks, deciding)
+    if together is not None:
+      return together
   letters = {letter for start, named in mentions if sentence(start) == deciding for letter in named}
   return letters.pop() if len(letters) == 1 else None
+
+
+def _answer_for_every_image(question: str, text: str, texts: Mapping[str, str],
+                            mentions: list[tuple[int, frozenset[str]]], breaks: list[int],
+                            deciding: int) -> str | None:
+  """Rule 7 of `read_free_choice`: the Yes or No letter that per-image answers give together, or None when
+  the question is no yes/no question about every (or some) image, or the answer is not one per image."""
+  yes = [letter for letter, key in texts.items() if key == "yes"]
+  no = [letter for letter, key in texts.items() if key == "no"]
+  if len(texts) != 2 or len(yes) != 1 or len(no) != 1:
+    return None
+  every = _EVERY_IMAGE_RE.search(question) is not None
+  if not every and _SOME_IMAGE_RE.search(question) is None:
+    return None
+  named: dict[int, set[str]] = {}  # sentence -> letters it names
+  for start, letters in mentions:
+    named.setdefault(bisect.bisect_right(breaks, start), set()).update(letters)
+  bounds = [0, *breaks, len(text)]
+
+  def image_answer(index: int) -> tuple[int, str] | None:
+    """(image, letter) when sentence `index` names one image and one option."""
+    images = {int(m.group("number")) if m.group("number") else _IMAGE_ORDINALS[m.group("ordinal").lower()]
+              for m in _IMAGE_NAMED_RE.finditer(text, bounds[index], bounds[index + 1])}
+    return (images.pop(), *named[index]) if len(images) == 1 and len(named[index]) == 1 else None
+
+  order = sorted(named)
+  if image_answer(deciding) is None:
+    return None
+  low = high = order.index(deciding)
+  while low > 0 and image_answer(order[low - 1]) is not None:
+    low -= 1
+  while high + 1 < len(order) and image_answer(order[high + 1]) is not None:
+    high += 1
+  answers: dict[int, str] = {}
+  for image, letter in map(image_answer, order[low:high + 1]):
+    if answers.setdefault(image, letter) != letter:
+      return None  # two answers for one image
+  if len(answers) < 2:
+    return None
+  said_yes = [letter == yes[0] for letter in answers.values()]
+  return yes[0] if (all(said_yes) if every else any(said_yes)) else no[0]
 
 
 def _option_key(text: str) -> str:

@@ -69,7 +69,7 @@ def read_response(prediction: Prediction):
   [0, 1] or the emotion, in the options' spelling; None when it reads nothing (and for open-ended items)."""
   p = prediction
   if p.question_type in PERCEPTION_TYPES:
-    return tasks.read_free_choice(p.response, p.options)
+    return tasks.read_free_choice(p.response, p.options, question=p.question)
   if p.question_type == RANKING:
     return _answer_value(p.response, "emotion_ranking", p.options, partial=True)
   if p.question_type == ASSESSMENT:

@@ -131,3 +131,49 @@ def test_parse_answer_reads_choices_with_the_same_rules():
                             options=EMOTIONS) is None
   assert tasks.parse_answer("<answer>Answer: B: No</answer>", "yes_no") is None  # default A: No, B: Yes
   assert tasks.parse_answer("<answer>Answer: D</answer>") == "D"  # no options: any letter, as before
+
+
+EACH = "Among the three main emotions evoked by each of these two images, does each image contain joy?"
+BOTH = "Do both of these images have a high level of arousal?"
+EITHER = "Does either image evoke fear?"
+PER_IMAGE_NO_YES = "Considering these observations:\n\n- Image 1: B: No.\n- Image 2: A: Yes."
+YES_FIRST = {"A": "Yes.", "B": "No."}
+
+
+@pytest.mark.parametrize("text,question,letter", [
+    # One answer per image, mixed: not every image does, so "No"; at least one does, so "Yes".
+    (PER_IMAGE_NO_YES, EACH, "B"),
+    (PER_IMAGE_NO_YES, BOTH, "B"),
+    (PER_IMAGE_NO_YES, EITHER, "A"),
+    ("- Image 1: A: Yes.\n- Image 2: A: Yes.", EACH, "A"),
+    ("Image 1: B: No.\nImage 2: B: No.", EITHER, "B"),
+    # Answers inside the sentences, reasons around them; "the first picture", "(for Image 2)" name images too.
+    ("For Image 1, the child picking its nose evokes joy (A: Yes), as children do.\n\nFor Image 2, the kids "
+     "look surprised, but not joyful (B: No).", EACH, "B"),
+    ("Thus, the answer is: A: Yes (for Image 2). B: No (for Image 1).", EACH, "B"),
+    ("The first picture: (B) No. The second picture: (A) Yes.", EACH, "B"),
+])
+def test_one_answer_per_image_to_a_question_about_every_image(text, question, letter):
+  """Rule 7: per-image answers to "does each / do both / does either image ..." are read together, as a person
+  grading the answer reads them (EEmo-Bench GPT-4o pair items 611, 1413, 1436, 1711 are of this form)."""
+  assert tasks.read_free_choice(text, YES_FIRST, question=question) == letter
+
+
+@pytest.mark.parametrize("text,question,options", [
+    (PER_IMAGE_NO_YES, None, YES_FIRST),  # no question: rule 6 reads the answer given first
+    (PER_IMAGE_NO_YES, "Is the dominant emotion joy?", YES_FIRST),  # about the pair, not each image
+    ("- Image 1: B: Joy.\n- Image 2: A: Neutral.", EACH, EMOTIONS),  # not a yes/no question
+    ("- Image 1: B: No.\n- Image 1: A: Yes.", EACH, YES_FIRST),  # two answers for one image
+    ("- Image 1 and Image 2: B: No.\n- Image 2: A: Yes.", EACH, YES_FIRST),  # a sentence about both images
+    ("- Image 2: B: No.", EACH, YES_FIRST),  # one image only
+])
+def test_per_image_answers_the_rule_leaves_to_the_deciding_sentence(text, question, options):
+  assert tasks.read_free_choice(text, options, question=question) == tasks.read_free_choice(text, options)
+
+
+def test_per_image_answers_read_strictly_are_not_combined():
+  """GRPO rewards read an `<answer>` block strictly: rule 7 is for external models' free text, so the question
+  changes nothing there (the block's deciding sentence, its last, is read as without it)."""
+  block = f"<think>Each image.</think><answer>{PER_IMAGE_NO_YES}</answer>"
+  assert tasks.read_free_choice(block, YES_FIRST, question=EACH) == tasks.read_free_choice(block, YES_FIRST) == "A"
+  assert tasks.read_free_choice(PER_IMAGE_NO_YES, YES_FIRST, question=EACH, strict=True) == "A"

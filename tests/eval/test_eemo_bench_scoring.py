@@ -58,13 +58,14 @@ def test_the_parser_agrees_with_the_authors_verdicts(leaderboard):
 # ("ours" is the letter the parser reads; Qwen2-VL's item 220 has five ratings as its verdict and is not scored.)
 DISAGREEMENTS = {
     "gpt-4o": {
+        174: "one answer per image to 'does each image contain disgust?', No and Yes; ours A: No (rule 7, "
+             "correct), judge 0",
         237: "walks through every option and chooses none; ours D (the last named), the judge credits C",
         290: "concludes 'A and B'; ours B (the only marked letter), the judge credits A",
-        403: "one answer per image, 'A: Yes (for Image 2). B: No (for Image 1).'; ours B (last), judge 0",
-        611: "one answer per image (A for image 1, B for image 2); ours A (first sentence), the judge credits B",
-        1413: "one answer per image ('Image 1: B: No.' / 'Image 2: A: Yes.'); ours A (last), the judge credits B",
-        1436: "one answer per image ('Image 1: A: No.' / 'Image 2: B: Yes.'); ours B (last), the judge credits A",
-        1711: "one answer per image ('Image 1: B: No.' / 'Image 2: A: Yes.'); ours A (last), the judge credits B",
+        403: "one answer per image, 'A: Yes (for Image 2). B: No (for Image 1).'; ours B: No (rule 7, correct), "
+             "judge 0",
+        1915: "one answer per image to 'does each image contain sadness?', 'Likely A: No' and 'Possibly B: Yes'; "
+              "ours A: No (rule 7), the judge credits B: Yes",
         2254: "judge error: the response concludes '**C: Anger**', the judge credits B",
     },
     "qwen2-7b": {
@@ -87,6 +88,33 @@ def test_the_items_where_the_parser_and_the_judge_disagree(leaderboard):
             and not isinstance(item[f"eval_result({model})"], list)
             and ours[item["id"]] != int(item[f"eval_result({model})"])}
   assert sorted(differ) == sorted(DISAGREEMENTS[model])
+
+
+# The published table's cells our accuracies miss by more than 0.2 points, and why: in each, the judge credits
+# answers that choose no option, two options or the other option (DISAGREEMENTS), which this parser does not.
+BEYOND_THE_BAR = {("gpt-4o", "what_how"): (237, 290, 2254),
+                  ("qwen2-7b", "what_how"): (147, 1080, 1867, 2076, 2195),
+                  ("qwen2-7b", "overall"): (34, 117, 147, 1080, 1867, 2076, 2195)}
+
+
+@needs_leaderboard
+def test_our_accuracies_against_the_published_table(leaderboard):
+  """Within 0.2 points of the EEmo-Bench table, except where the judge credited non-answers: there the gap is
+  those items exactly (each 1/1006 of its column; overall is the mean of the two columns)."""
+  model, raw, metrics, _ = leaderboard
+  questions = {kind: sum(item["question_type"] == name for item in raw)
+               for kind, name in (("yes_no", "Yes-or-No"), ("what_how", "What/How"))}
+  types = {item["id"]: item["question_type"] for item in raw}
+  for kind in ("yes_no", "what_how", "overall"):
+    ours, published = 100 * metrics[f"perception.pair.{kind}.accuracy"], PUBLISHED[model][kind]
+    credited = BEYOND_THE_BAR.get((model, kind))
+    if credited is None:
+      assert ours == pytest.approx(published, abs=0.2), kind
+      continue
+    assert set(credited) <= set(DISAGREEMENTS[model]), kind
+    gap = sum(100 / questions["yes_no" if types[i] == "Yes-or-No" else "what_how"] for i in credited)
+    gap /= 2 if kind == "overall" else 1
+    assert published - ours == pytest.approx(gap, abs=0.05), kind  # the table's rounding and judge rows
 
 
 @needs_leaderboard
