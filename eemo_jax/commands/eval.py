@@ -5,8 +5,10 @@
         --config.data.data_dir=/data --config.data.dataset_config=single
     eemo-jax eval --config configs/tiny_demo.py --hf-dir runs/demo/export --out runs/demo/eval
 
-With `--config`, the model is `--hf-dir` or `--checkpoint` when given, else the config's export
-(`train.export_dir`), else `model.hf_dir`; the records are the config's data set, split `eval.split`.
+With `--config`, the model is `--hf-dir` or `--checkpoint` (an `import-hf` checkpoint, a run directory for its
+newest step, or RUN_DIR/checkpoints/N) when given, else the config's export (`train.export_dir`), else the newest
+checkpoint of its run (`train.run_dir`: a run stopped before its export), else `model.hf_dir`; the records are the
+config's data set, split `eval.split`.
 `--out` receives metrics.json (flat dotted names), report.md, the plots and predictions.json (the
 leaderboard format, every item scored). Exit 0 done, 2 something to fix (one line on stderr).
 """
@@ -23,7 +25,8 @@ def add_arguments(parser, name):
   source.add_argument("--config", metavar="FILE[:ARG]", help="an experiment config: its data set and split")
   parser.add_argument("--out", required=True, metavar="DIR", help="where metrics.json, report.md and plots go")
   parser.add_argument("--hf-dir", metavar="DIR", help="the model as an HF folder (with the head files if any)")
-  parser.add_argument("--checkpoint", metavar="DIR", help="the model as an `eemo-jax import-hf` checkpoint")
+  parser.add_argument("--checkpoint", metavar="DIR", help="the model as an `eemo-jax import-hf` checkpoint, or a "
+                      "training run: RUN_DIR (its newest checkpoint) or RUN_DIR/checkpoints/N")
   parser.add_argument("--tokenizer-dir", metavar="DIR", help="tokenizer.json folder (default: the model's)")
   parser.add_argument("--max-new-tokens", type=int, default=512, help="generation length per answer (512)")
   parser.add_argument("--batch-size", type=int, default=0, help="prompts per generation batch (train.global_batch_size)")
@@ -66,26 +69,28 @@ def _from_file(args) -> str:
   return f"scored {len(scored)} items of {model}\n{headline(metrics)}\nreport: {paths['report']}"
 
 
-def _no_model_message(config) -> str:
-  """What to do when `eval --config` finds no model: the run's own checkpoints, when it has some, are one
-  `export-hf` away (a run killed or stopped before its end has no export yet)."""
+def _default_model(config) -> tuple[str | None, str | None]:
+  """(hf_dir, checkpoint) of the config's own model: its export when written, else its run's newest checkpoint
+  (a run stopped before its end), else `model.hf_dir`; a `ConfigError` saying what to pass when none exists."""
   from eemo_jax import paths
+  from eemo_jax.config import ConfigError
   from eemo_jax.train.saved_run import is_run_dir
-  run_dir, export = config.train.run_dir, config.train.export_dir
+  export, run_dir = config.train.export_dir, config.train.run_dir
+  if export and paths.exists(paths.join(export, "config.json")):
+    return export, None
   if run_dir and paths.isdir(run_dir) and is_run_dir(run_dir):
-    then = "(this command then reads it)" if export else "and pass --hf-dir DIR"
-    return (f"no model to evaluate: the run {run_dir} has no export yet ({export or 'train.export_dir is empty'}"
-            f"{' has no config.json' if export else ''}); export its newest checkpoint with `eemo-jax export-hf "
-            f"{run_dir} {export or 'DIR'}` {then}, or pass --hf-dir / --checkpoint")
-  return ("no model to evaluate: pass --hf-dir or --checkpoint (the config names no export that exists, no "
-          "run directory with checkpoints, and no model.hf_dir)")
+    return None, run_dir
+  if config.model.hf_dir:
+    return config.model.hf_dir, None
+  raise ConfigError("no model to evaluate: pass --hf-dir or --checkpoint (the config names no export that exists, "
+                    "no run directory with checkpoints, and no model.hf_dir)")
 
 
 def _from_model(args) -> str | None:
   import dataclasses
 
   from eemo_jax import paths
-  from eemo_jax.config import ConfigError, config_from_args
+  from eemo_jax.config import config_from_args
   from eemo_jax.eval.loading import load_eval_model
   from eemo_jax.eval.output import headline
   from eemo_jax.eval.run import EvalSettings, evaluate_model
@@ -98,10 +103,7 @@ def _from_model(args) -> str | None:
   use_host_memory_for_cpu_steps()  # before the backend starts, as train and grpo
   hf_dir, checkpoint = args.hf_dir, args.checkpoint
   if hf_dir is None and checkpoint is None:
-    export = config.train.export_dir
-    hf_dir = export if export and paths.exists(paths.join(export, "config.json")) else config.model.hf_dir
-    if not hf_dir:
-      raise ConfigError(_no_model_message(config))
+    hf_dir, checkpoint = _default_model(config)
   from data_pipeline.pipeline import PipelineConfig, load_source
   d = config.data  # the records are opened before minutes of weight loading, to fail first if they are not there
   load_source(PipelineConfig(dataset=d.dataset, data_dir=d.data_dir, split=config.eval.split,

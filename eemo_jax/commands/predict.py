@@ -18,7 +18,8 @@ def add_arguments(parser, name):
   del name
   source = parser.add_mutually_exclusive_group(required=True)
   source.add_argument("--hf-dir", metavar="DIR", help="the model as an HF folder (with the head files if any)")
-  source.add_argument("--checkpoint", metavar="DIR", help="the model as an `eemo-jax import-hf` checkpoint")
+  source.add_argument("--checkpoint", metavar="DIR", help="the model as an `eemo-jax import-hf` checkpoint, or a "
+                      "training run: RUN_DIR (its newest checkpoint) or RUN_DIR/checkpoints/N")
   parser.add_argument("--image", required=True, metavar="PATH", help="an image file or a folder of images")
   parser.add_argument("--out", required=True, metavar="FILE", help="the JSONL output")
   parser.add_argument("--task", default="auto", help="auto (bas with a head, else dominant_emotion), bas, ces, or an "

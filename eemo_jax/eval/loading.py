@@ -1,5 +1,8 @@
 """The model an evaluation or a prediction runs: an HF folder or an `import-hf` checkpoint, with the
-EmoVerse head when its files lie beside the weights (`emotion_head.safetensors`, as `train` exports it)."""
+EmoVerse head when its files lie beside the weights (`emotion_head.safetensors`, as `train` exports it), or a
+training run's saved step (its directory for the newest, `RUN_DIR/checkpoints/N` for step N), read as
+`export-hf` reads it: LoRA adapters merged, the run's head, the tokenizer the run recorded. A run stopped
+before its export is then evaluated as it is, without exporting it first."""
 
 from __future__ import annotations
 
@@ -37,8 +40,14 @@ def load_eval_model(*, hf_dir: str | None = None, checkpoint: str | None = None,
   from eemo_jax.hf import heads_io
   if (hf_dir is None) == (checkpoint is None):
     raise ModelSourceError("give the model as exactly one of --hf-dir (an HF folder) or --checkpoint (an "
-                           "`eemo-jax import-hf` checkpoint folder)")
+                           "`eemo-jax import-hf` checkpoint folder, or a training run's directory)")
   folder = paths.absolute(hf_dir or checkpoint)
+  if checkpoint is not None:
+    from eemo_jax.train.init_from import named_step
+    from eemo_jax.train.saved_run import is_run_dir
+    named = named_step(folder)
+    if named is not None or (paths.isdir(folder) and is_run_dir(folder)):
+      return _load_run_step(*(named or (folder, None)), tokenizer_dir=tokenizer_dir, dtype=dtype, mesh=mesh)
   if not paths.isdir(folder):
     raise ModelSourceError(f"{folder} does not exist; pass the folder that holds the model")
   tokenizer_dir = paths.absolute(tokenizer_dir) if tokenizer_dir else folder
@@ -62,6 +71,42 @@ def load_eval_model(*, hf_dir: str | None = None, checkpoint: str | None = None,
   head = heads_io.load_head(folder, mesh=mesh) if paths.exists(paths.join(folder, heads_io.WEIGHTS)) else None
   return EvalModel(backbone=backbone, head=head, tokenizer=tokenizer,
                    name=paths.basename(folder.rstrip(os.sep)) or "model", folder=folder,
+                   tokenizer_dir=tokenizer_dir)
+
+
+def _load_run_step(run_dir: str, step: int | None, *, tokenizer_dir: str | None, dtype: str, mesh) -> EvalModel:
+  """Step `step` (None: the newest) of a training run, as `export-hf` would write it, computing in `dtype`."""
+  import jax
+
+  from data_pipeline.tokenizer import token_mismatches
+  from eemo_jax.config import ConfigError
+  from eemo_jax.model.lora import merge_lora
+  from eemo_jax.parallel.sharding import make_mesh
+  from eemo_jax.train.saved_run import SavedRun
+  try:
+    run = SavedRun.open(run_dir)
+    step = run.step(step)
+  except ConfigError as error:
+    raise ModelSourceError(str(error)) from None
+  tokenizer_dir = paths.absolute(tokenizer_dir) if tokenizer_dir else run.tokenizer_dir
+  if not tokenizer_dir:
+    raise ModelSourceError(f"{run.run_dir} keeps no tokenizer files (no hf_assets/, and the tokenizer folder its "
+                           "config.json names is gone): pass --tokenizer-dir")
+  tokenizer = _read_tokenizer(tokenizer_dir)
+  wrong = token_mismatches(run.arch, tokenizer)
+  if wrong:
+    raise ModelSourceError(f"the tokenizer in {tokenizer_dir} does not fit the run {run.run_dir} "
+                           f"({'; '.join(wrong)}): pass --tokenizer-dir with the run's own tokenizer")
+  mesh = mesh if mesh is not None else make_mesh({"fsdp": 1}, devices=jax.devices()[:1])
+  settings = dict(dtype=dtype, param_dtype=dtype, remat="none", attention=run.config.model.attention)
+  try:
+    loaded = run.load(step, mesh=mesh, rules=tuple(tuple(r) for r in run.config.rules),
+                      model_settings=settings).model()
+  except ConfigError as error:
+    raise ModelSourceError(str(error)) from None
+  backbone = merge_lora(loaded.backbone) if int(run.config.lora.rank) else loaded.backbone
+  return EvalModel(backbone=backbone, head=loaded.head, tokenizer=tokenizer,
+                   name=f"{paths.basename(run.run_dir.rstrip(os.sep)) or 'run'}_step{step}", folder=run.run_dir,
                    tokenizer_dir=tokenizer_dir)
 
 

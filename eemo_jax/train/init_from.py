@@ -76,7 +76,7 @@ def resolve(config) -> Source | None:
 
 def locate(path: str) -> Source:
   """What the folder at `path` is, as a `Source`; a `ConfigError` naming it and what was expected otherwise."""
-  named = _named_step(path)
+  named = named_step(path)
   if named is not None:
     run = SavedRun.open(named[0])
     return Source("run", run.run_dir, run.arch, run.tokenizer_dir, run=run, step=run.step(named[1]))
@@ -95,7 +95,7 @@ def locate(path: str) -> Source:
   raise ConfigError(f"{path} is none of the folders a run starts from: {EXPECTED}")
 
 
-def _named_step(path: str) -> tuple[str, int] | None:
+def named_step(path: str) -> tuple[str, int] | None:
   """(run directory, N) for `RUN_DIR/checkpoints/N`, whether or not that step exists."""
   path = str(path).rstrip("/") if paths.is_url(path) else os.path.normpath(path)
   parent, name = paths.dirname(path), paths.basename(path)

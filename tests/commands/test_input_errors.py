@@ -151,9 +151,10 @@ def test_eval_refuses_missing_records_before_loading_the_model(override, expecte
   assert not (tmp_path / "out").exists()
 
 
-def test_eval_without_a_model_points_at_the_runs_checkpoints(inputs, tmp_path, capsys):
-  """`eval --config` of a run stopped before its export: the line says how to export the run's newest
-  checkpoint and evaluate that; with no run either, which arguments give a model."""
+def test_eval_without_a_model_says_what_to_pass(inputs, tmp_path, capsys):
+  """`eval --config` with no export, no run and no model.hf_dir: the line names the arguments that give a model.
+  A run directory is evaluated from its newest checkpoint (tests/eval/test_loading_runs.py); one that has none
+  yet says so."""
   run_dir, export = tmp_path / "run", tmp_path / "run" / "export"
   base = ["eval", "--config", CONFIGS["grpo"], "--out", str(tmp_path / "out"), "--tokenizer-dir", inputs["tokenizer"],
           f"--config.data.data_dir={inputs['data']}", f"--config.data.dataset_config={inputs['eemo']}",
@@ -161,8 +162,7 @@ def test_eval_without_a_model_points_at_the_runs_checkpoints(inputs, tmp_path, c
   assert cli.main(base) == 2
   assert "pass --hf-dir or --checkpoint (the config names no export that exists" in _one_line(capsys, "eval")
   (run_dir / "checkpoints").mkdir(parents=True)
+  (run_dir / "config.json").write_text('{"model": {}, "train": {}}')
   assert cli.main(base) == 2
-  line = _one_line(capsys, "eval")
-  assert f"the run {run_dir} has no export yet ({export} has no config.json)" in line
-  assert f"`eemo-jax export-hf {run_dir} {export}` (this command then reads it)" in line
+  assert f"{run_dir} is a run directory without a saved checkpoint" in _one_line(capsys, "eval")
   assert not (tmp_path / "out").exists()
