@@ -495,15 +495,16 @@ def _answer_for_every_image(question: str, text: str, texts: Mapping[str, str],
     return (images.pop(), *named[index]) if len(images) == 1 and len(named[index]) == 1 else None
 
   order = sorted(named)
-  if image_answer(deciding) is None:
-    return None
+  per_image = [image_answer(index) for index in order]  # in order of the option-naming sentences
   low = high = order.index(deciding)
-  while low > 0 and image_answer(order[low - 1]) is not None:
+  if per_image[low] is None:
+    return None
+  while low > 0 and per_image[low - 1] is not None:
     low -= 1
-  while high + 1 < len(order) and image_answer(order[high + 1]) is not None:
+  while high + 1 < len(order) and per_image[high + 1] is not None:
     high += 1
   answers: dict[int, str] = {}
-  for image, letter in map(image_answer, order[low:high + 1]):
+  for image, letter in per_image[low:high + 1]:
     if answers.setdefault(image, letter) != letter:
       return None  # two answers for one image
   if len(answers) < 2:

@@ -30,8 +30,8 @@ class EvalModel:
 
 def load_eval_model(*, hf_dir: str | None = None, checkpoint: str | None = None, tokenizer_dir: str | None = None,
                     dtype: str = "float32", mesh=None) -> EvalModel:
-  """Loads the backbone (sharded over `mesh` when given), the head if exported beside it, and the tokenizer
-  (from `tokenizer_dir`, else the model folder).
+  """Loads the backbone (sharded over `mesh` when given), the head if exported beside it (a run's own head for a
+  run), and the tokenizer (from `tokenizer_dir`, else the model folder, else the run's recorded one).
 
   The tokenizer and the model's config are read and checked against each other first: loading the weights
   takes minutes on a real model, and a wrong folder should not cost them.
@@ -42,26 +42,31 @@ def load_eval_model(*, hf_dir: str | None = None, checkpoint: str | None = None,
     raise ModelSourceError("give the model as exactly one of --hf-dir (an HF folder) or --checkpoint (an "
                            "`eemo-jax import-hf` checkpoint folder, or a training run's directory)")
   folder = paths.absolute(hf_dir or checkpoint)
-  if checkpoint is not None:
-    from eemo_jax.train.init_from import named_step
-    from eemo_jax.train.saved_run import is_run_dir
-    named = named_step(folder)
-    if named is not None or (paths.isdir(folder) and is_run_dir(folder)):
-      return _load_run_step(*(named or (folder, None)), tokenizer_dir=tokenizer_dir, dtype=dtype, mesh=mesh)
-  if not paths.isdir(folder):
+  run, step = _run_step(folder) if checkpoint is not None else (None, None)
+  if run is None and not paths.isdir(folder):
     raise ModelSourceError(f"{folder} does not exist; pass the folder that holds the model")
-  tokenizer_dir = paths.absolute(tokenizer_dir) if tokenizer_dir else folder
+  tokenizer_dir = paths.absolute(tokenizer_dir) if tokenizer_dir else (run.tokenizer_dir if run else folder)
+  if not tokenizer_dir:
+    raise ModelSourceError(f"{run.run_dir} keeps no tokenizer files (no hf_assets/, and the tokenizer folder its "
+                           "config.json names is gone): pass --tokenizer-dir")
   tokenizer = _read_tokenizer(tokenizer_dir)
-  if hf_dir is not None:
+  if run is not None:
+    arch, where = run.arch, f"the run {run.run_dir}"
+  elif hf_dir is not None:
     from eemo_jax.hf.load import read_config
-    arch = read_config(folder)
+    arch, where = read_config(folder), f"the model in {folder}"
   else:
     from eemo_jax.hf.checkpoint import read_checkpoint_config
-    arch = read_checkpoint_config(folder)
+    arch, where = read_checkpoint_config(folder), f"the model in {folder}"
   wrong = token_mismatches(arch, tokenizer)
   if wrong:
-    raise ModelSourceError(f"the tokenizer in {tokenizer_dir} does not fit the model in {folder} ({'; '.join(wrong)})"
+    raise ModelSourceError(f"the tokenizer in {tokenizer_dir} does not fit {where} ({'; '.join(wrong)})"
                            ": pass --tokenizer-dir with the model's own tokenizer")
+  if run is not None:
+    backbone, head = _run_step_model(run, step, dtype=dtype, mesh=mesh)
+    return EvalModel(backbone=backbone, head=head, tokenizer=tokenizer,
+                     name=f"{paths.basename(run.run_dir.rstrip(os.sep)) or 'run'}_step{step}", folder=run.run_dir,
+                     tokenizer_dir=tokenizer_dir)
   if hf_dir is not None:
     from eemo_jax.hf.load import load_hf
     backbone = load_hf(folder, dtype=dtype, mesh=mesh)
@@ -74,29 +79,30 @@ def load_eval_model(*, hf_dir: str | None = None, checkpoint: str | None = None,
                    tokenizer_dir=tokenizer_dir)
 
 
-def _load_run_step(run_dir: str, step: int | None, *, tokenizer_dir: str | None, dtype: str, mesh) -> EvalModel:
-  """Step `step` (None: the newest) of a training run, as `export-hf` would write it, computing in `dtype`."""
+def _run_step(folder: str):
+  """(`SavedRun`, step) when `folder` is a run directory (its newest step) or `RUN_DIR/checkpoints/N`, else
+  (None, None)."""
+  from eemo_jax.config import ConfigError
+  from eemo_jax.train.init_from import named_step
+  from eemo_jax.train.saved_run import SavedRun, is_run_dir
+  named = named_step(folder)
+  if named is None and not (paths.isdir(folder) and is_run_dir(folder)):
+    return None, None
+  run_dir, step = named or (folder, None)
+  try:
+    run = SavedRun.open(run_dir)
+    return run, run.step(step)
+  except ConfigError as error:
+    raise ModelSourceError(str(error)) from None
+
+
+def _run_step_model(run, step: int, *, dtype: str, mesh):
+  """(backbone, head) of a run's step as `export-hf` would write it (LoRA merged), computing in `dtype`."""
   import jax
 
-  from data_pipeline.tokenizer import token_mismatches
   from eemo_jax.config import ConfigError
   from eemo_jax.model.lora import merge_lora
   from eemo_jax.parallel.sharding import make_mesh
-  from eemo_jax.train.saved_run import SavedRun
-  try:
-    run = SavedRun.open(run_dir)
-    step = run.step(step)
-  except ConfigError as error:
-    raise ModelSourceError(str(error)) from None
-  tokenizer_dir = paths.absolute(tokenizer_dir) if tokenizer_dir else run.tokenizer_dir
-  if not tokenizer_dir:
-    raise ModelSourceError(f"{run.run_dir} keeps no tokenizer files (no hf_assets/, and the tokenizer folder its "
-                           "config.json names is gone): pass --tokenizer-dir")
-  tokenizer = _read_tokenizer(tokenizer_dir)
-  wrong = token_mismatches(run.arch, tokenizer)
-  if wrong:
-    raise ModelSourceError(f"the tokenizer in {tokenizer_dir} does not fit the run {run.run_dir} "
-                           f"({'; '.join(wrong)}): pass --tokenizer-dir with the run's own tokenizer")
   mesh = mesh if mesh is not None else make_mesh({"fsdp": 1}, devices=jax.devices()[:1])
   settings = dict(dtype=dtype, param_dtype=dtype, remat="none", attention=run.config.model.attention)
   try:
@@ -104,10 +110,7 @@ def _load_run_step(run_dir: str, step: int | None, *, tokenizer_dir: str | None,
                       model_settings=settings).model()
   except ConfigError as error:
     raise ModelSourceError(str(error)) from None
-  backbone = merge_lora(loaded.backbone) if int(run.config.lora.rank) else loaded.backbone
-  return EvalModel(backbone=backbone, head=loaded.head, tokenizer=tokenizer,
-                   name=f"{paths.basename(run.run_dir.rstrip(os.sep)) or 'run'}_step{step}", folder=run.run_dir,
-                   tokenizer_dir=tokenizer_dir)
+  return (merge_lora(loaded.backbone) if int(run.config.lora.rank) else loaded.backbone), loaded.head
 
 
 def _read_tokenizer(folder: str):
