@@ -271,15 +271,22 @@ def decode_matmul_stream(repeats: int, worker: "TorchWorker", rows: int = 4, mby
   import jax
   import jax.numpy as jnp
 
+  from eemo_jax.kernels import row_matmul
+
   layers = stream_layers(mbytes)
   nbytes = sum(w.nbytes for layer in layers for w in layer.values())
   jlayers = jax.device_put(layers)
   x = jax.device_put(np.ones((rows, STREAM_LAYER[0][1]), np.float32))
-  chain = jax.jit(lambda x, ws: stream_chain(x, ws, jnp.dot, jax.nn.silu, lambda a, b: jnp.concatenate([a, b], -1)))
+  def chain_with(mm):
+    return jax.jit(lambda x, ws: stream_chain(x, ws, mm, jax.nn.silu, lambda a, b: jnp.concatenate([a, b], -1)))
+
+  contestants = {"jax": lambda f=chain_with(jnp.dot): f(x, jlayers).block_until_ready()}
+  if row_matmul.available():  # the decode steps' matmuls (`eemo_jax.kernels.row_matmul`)
+    contestants["jax_row_kernel"] = lambda f=chain_with(row_matmul.row_matmul): f(x, jlayers).block_until_ready()
   worker.call("stream_setup", layers, rows)
   del layers
-  times = race({"jax": lambda: chain(x, jlayers).block_until_ready(),
-                "torch": lambda: Remote(worker.call("op", "stream"))}, repeats=max(repeats, 5), warmup=2)
+  contestants["torch"] = lambda: Remote(worker.call("op", "stream"))
+  times = race(contestants, repeats=max(repeats, 5), warmup=2)
   worker.call("limits_free")
   return {"gbs": {k: nbytes / min(v) / 1e9 for k, v in times.items()},
           "median_gbs": {k: nbytes / med(v) / 1e9 for k, v in times.items()}, "bytes_mb": nbytes / 1e6,
@@ -645,11 +652,11 @@ def bench_decode(name, cfg, model, data, args, limits, worker: TorchWorker) -> d
   b, l = data["input_ids"].shape
   out: dict = {}
 
-  def jax_gen(n):
+  def jax_gen(n, row_kernel=True):
     def run():
       return generate(model, data["input_ids"], data["attention_mask"], data["pixel_values"], data["image_grid_thw"],
                       mm_token_type_ids=data["mm_token_type_ids"], max_new_tokens=n, temperature=0.0,
-                      eos_token_id=[])  # no EOS: always n tokens, like HF min_new_tokens=n
+                      eos_token_id=[], row_kernel=row_kernel)  # no EOS: always n tokens, like HF min_new_tokens=n
     return run
 
   def hf_gen(impl, n, clock=False):
@@ -663,10 +670,14 @@ def bench_decode(name, cfg, model, data, args, limits, worker: TorchWorker) -> d
     first[n] = time.perf_counter() - t0
   out["greedy_token_agreement"] = {
       impl: float(np.mean(worker.call("gen", impl, new, False)[1] == jax_tokens)) for impl in IMPLS}
+  # The same decode with XLA's dot in place of the row kernel (`generate(row_kernel=False)`), side by side.
+  out["greedy_token_agreement"]["jax_dot"] = float(np.mean(jax_gen(new, row_kernel=False)() == jax_tokens))
+  jax_gen(1, row_kernel=False)()
 
   contestants = {}
   for n in (1, new):
     contestants[f"jax/{n}"] = jax_gen(n)
+    contestants[f"jax_dot/{n}"] = jax_gen(n, row_kernel=False)
     for impl in IMPLS:
       contestants[f"torch_{impl}/{n}"] = hf_gen(impl, n, clock=n == new)
   times = race(contestants, args.decode_repeats, warmup=1, min_seconds=args.min_decode_seconds)
@@ -677,7 +688,7 @@ def bench_decode(name, cfg, model, data, args, limits, worker: TorchWorker) -> d
   out["decode_weight_bytes"] = wb["weight_bytes"]
   out["decode_kv_bytes_max"] = kv_cache_bytes(cfg, b, l + new)
   dec = {}
-  for who in ["jax"] + [f"torch_{impl}" for impl in IMPLS]:
+  for who in ["jax", "jax_dot"] + [f"torch_{impl}" for impl in IMPLS]:
     t1, tn = med(times[f"{who}/1"]), med(times[f"{who}/{new}"])
     # Paired per round (gen 1 and gen NEW ran in the same round): median of the differences.
     diffs = [(b_ - a_) / (new - 1) for a_, b_ in zip(times[f"{who}/1"], times[f"{who}/{new}"])]
@@ -805,10 +816,10 @@ def print_table(limits: dict, results: list[dict], new: int) -> None:
   print("  %d MB bandwidth GB/s: sum jax %.1f, torch %.1f; x+1 (read+write) jax %.1f, torch %.1f -> read BW %.1f" % (
       limits["bytes_mb"], bw["jax_sum"], bw["torch_sum"], bw["jax_copy"], bw["torch_copy"], limits["read_bandwidth_gbs"]))
   st = limits["decode_matmul_stream"]
-  print("  decode-shaped matmuls (%d rows through %.0f MB of `small` decoder projections) GB/s: jax %.1f, torch %.1f"
-        " = %.0f%% / %.0f%% of the read BW" % (st["rows"], st["bytes_mb"], st["gbs"]["jax"], st["gbs"]["torch"],
-                                               100 * st["gbs"]["jax"] / limits["read_bandwidth_gbs"],
-                                               100 * st["gbs"]["torch"] / limits["read_bandwidth_gbs"]))
+  print("  decode-shaped matmuls (%d rows through %.0f MB of `small` decoder projections) GB/s, %% of the read BW: %s"
+        % (st["rows"], st["bytes_mb"], ", ".join(
+            "%s %.1f (%.0f%%)" % ({"jax": "jax dot"}.get(k, k.replace("_", " ")), v,
+                                  100 * v / limits["read_bandwidth_gbs"]) for k, v in st["gbs"].items())))
   rows = []
   hdr = ("config", "metric", "JAX", "torch eager", "torch sdpa", "ref", "JAX/ref", "best-of", "target", "ok")
   for r in results:
@@ -843,6 +854,8 @@ def print_table(limits: dict, results: list[dict], new: int) -> None:
       iqr = lambda k: "{:.2f}-{:.2f}".format(*d[k]["step_ms_iqr"])
       rows.append((name, "  interquartile range ms/step", iqr("jax"), iqr("torch_eager"), iqr("torch_sdpa"),
                    "", "", "", ""))
+      rows.append((name, "  JAX with XLA's dot (row_kernel=False)", "%.2f (%.1f%% BW)" % (
+          d["jax_dot"]["step_ms"], 100 * d["jax_dot"]["bw_fraction"]), "", "", "", "", "", "", ""))
       rows.append((name, "  torch in-loop median ms/step", "", f"{d['torch_eager']['in_loop_step_ms']:.2f}",
                    f"{d['torch_sdpa']['in_loop_step_ms']:.2f}", "", "", "", ""))
       bw_tgt = DECODE_BW_TARGET.get(name)
@@ -862,7 +875,8 @@ def print_table(limits: dict, results: list[dict], new: int) -> None:
       c = r["jax_generate_compile_s"]
       rows.append((name, f"JAX generate compile s (n=1 / n={new})", f"{c['1']:.2f} / {c[str(new)]:.2f}", "", "", "", "", "", ""))
       a = r["greedy_token_agreement"]
-      rows.append((name, "greedy ids equal to JAX", "", f"{a['eager']:.0%}", f"{a['sdpa']:.0%}", "", "", "", ""))
+      rows.append((name, "greedy ids equal to JAX", f"{a['jax_dot']:.0%} (dot)", f"{a['eager']:.0%}", f"{a['sdpa']:.0%}",
+                   "", "", "", ""))
     if "rollout" in r:
       ro = r["rollout"]
       what = f"rollout {ro['prompts']}x{ro['group_size']}, {ro['completion_tokens']} tok"

@@ -24,7 +24,9 @@ host transfer at the end (no per-token host sync). Inside it:
    layers are unrolled over per-layer copies of their weights and per-layer cache buffers, made once
    before the loop (`TextModel.unstacked_layers`, `StepCache`): XLA:CPU copied every layer's weights
    and cache out of the stacked arrays before using them, every step (`small`'s greedy step: 15.1 -> 11.1 ms,
-   both in one run; `benchmarks/results/model_throughput.zen4.json`).
+   both in one run; `benchmarks/results/model_throughput.zen4.json`). There, with few rows, the weight
+   matmuls are `eemo_jax.kernels.row_matmul`'s, which stream each weight at the memory's speed where
+   XLA:CPU's dot reaches about 60% of it (unless `row_kernel=False`, or the rows are sharded).
 
 The cache is created inside the compiled function and carried by the while loop, which updates it
 in place; it never crosses the jit boundary, so there is nothing to donate.
@@ -47,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from eemo_jax.kernels import row_matmul
 from eemo_jax.model.attention import causal_mask
 from eemo_jax.model.qwen25vl import ModelInputs, Qwen25VL, prepare_inputs
 from eemo_jax.model.rope import mrope_cos_sin
@@ -164,14 +167,17 @@ class Decoded:
 
 def decode(graphdef, state, inputs: ModelInputs, rng, temperature, top_p, eos_ids, pad_id, *, max_new_tokens: int,
            group_size: int = 1, greedy: bool, top_k: int, use_top_p: bool, with_logprobs: bool = False,
-           constrain: Constrain | None = None, layer_loop: str | None = None) -> Decoded:
+           constrain: Constrain | None = None, layer_loop: str | None = None,
+           row_kernel: bool | None = None) -> Decoded:
   """Prefill each prompt once, repeat its state `group_size` times, decode until all rows are done.
 
   graphdef, state: `nnx.split` of a `Qwen25VL` (state may be a tuple of states for `nnx.merge`).
   inputs: left-padded prompts, `input_ids` (batch, L), `position_ids` (3, batch, L), images in `vision`.
   rng: a typed key, split into one key per row; temperature (1 when greedy), top_p, pad_id: scalars;
   eos_ids: (n_eos,) int32, -1 = none. layer_loop: "scan" or "unrolled" decode steps (`_layer_loop`;
-  None chooses by backend). Pure and traceable: callers jit it (`_decode_jit` below, or
+  None chooses by backend). row_kernel: whether the unrolled loop's few-row fp32 matmuls use the CPU row
+  kernel (`eemo_jax.kernels.row_matmul`; it has no sharding rule); None: when nothing is `constrain`ed.
+  Pure and traceable: callers jit it (`_decode_jit` below, or
   `eemo_jax.rl.rollout.make_rollout_fn` with shardings).
   """
   states = state if isinstance(state, (tuple, list)) else (state,)
@@ -193,6 +199,7 @@ def decode(graphdef, state, inputs: ModelInputs, rng, temperature, top_p, eos_id
   cache = KVCache(k=pin(cache.k, (None, "act_batch", None, None, None)),
                   v=pin(cache.v, (None, "act_batch", None, None, None)))
   step_layers = None
+  row_kernel = constrain is None if row_kernel is None else row_kernel
   if _layer_loop(layer_loop) == "unrolled":
     cache, step_layers = StepCache.from_stacked(cache), model.language_model.unstacked_layers()
   # Prompt slots keep their padding mask; generated slots are all real (the causal mask hides future ones).
@@ -234,7 +241,8 @@ def decode(graphdef, state, inputs: ModelInputs, rng, temperature, top_p, eos_id
     """Feeds token step-1 (slot L+step-1, position next_pos+step-1) and picks token `step`."""
     step, last, done, tokens, logprobs, cache = carry
     positions = (next_pos + step - 1)[:, :, None]  # (3, rows, 1)
-    logits, cache = _decode_step(model, last, positions, cache_mask, cache, prompt_len + step - 1, step_layers)
+    logits, cache = _decode_step(model, last, positions, cache_mask, cache, prompt_len + step - 1, step_layers,
+                                 row_kernel)
     token, lp = choose(logits, step)
     token = jnp.where(done, pad_id, token)  # finished rows emit padding, as HF
     if lp is not None:
@@ -247,14 +255,16 @@ def decode(graphdef, state, inputs: ModelInputs, rng, temperature, top_p, eos_id
 
 
 _decode_jit = jax.jit(decode, static_argnums=0, static_argnames=(
-    "max_new_tokens", "group_size", "greedy", "top_k", "use_top_p", "with_logprobs", "constrain", "layer_loop"))
+    "max_new_tokens", "group_size", "greedy", "top_k", "use_top_p", "with_logprobs", "constrain", "layer_loop",
+    "row_kernel"))
 
 
-def _decode_step(model: Qwen25VL, token, positions, cache_mask, cache, slot, step_layers):
+def _decode_step(model: Qwen25VL, token, positions, cache_mask, cache, slot, step_layers, row_kernel: bool):
   """Feeds (rows,) tokens at cache slot `slot`, M-RoPE positions (3, rows, 1): (rows, vocab) logits, new cache.
 
   With `step_layers` (the unrolled loop) the layers run one by one on their own weight and cache
-  buffers (`TextModel.step`), computing what `model(...)` computes with a stacked cache.
+  buffers (`TextModel.step`), computing what `model(...)` computes with a stacked cache, and with
+  `row_kernel` their few-row fp32 matmuls stream the weights through `row_matmul` (module docstring, 5).
   """
   if step_layers is None:
     out = model(token[:, None], cache_mask, position_ids=positions, cache=cache, cache_index=slot, logits_for="last")
@@ -263,8 +273,9 @@ def _decode_step(model: Qwen25VL, token, positions, cache_mask, cache, slot, ste
   embeds = text.embed_tokens(token[:, None], model.dtype)  # (rows, 1, hidden)
   cos, sin = mrope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, model.dtype)
   mask = causal_mask(cache_mask, slot + jnp.arange(1), cache_mask.shape[1])  # (rows, 1, 1, max_len)
-  hidden, cache = text.step(embeds, cos, sin, mask, cache=cache, slot=slot, layers=step_layers)
-  return model.logits(hidden[:, -1]), cache
+  with row_matmul.in_decode_steps(row_kernel):
+    hidden, cache = text.step(embeds, cos, sin, mask, cache=cache, slot=slot, layers=step_layers)
+    return model.logits(hidden[:, -1]), cache
 
 
 def _layer_loop(choice: str | None) -> str:
@@ -299,7 +310,8 @@ def generate(model: Qwen25VL, input_ids, attention_mask=None, pixel_values=None,
              max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
              rng: jax.Array | None = None, patch_budget: int | None = None, frame_budget: int | None = None,
-             mm_token_type_ids=None, return_steps: bool = False) -> np.ndarray | tuple[np.ndarray, int]:
+             mm_token_type_ids=None, return_steps: bool = False,
+             row_kernel: bool = True) -> np.ndarray | tuple[np.ndarray, int]:
   """Generates up to `max_new_tokens` tokens per row; greedy (= HF `do_sample=False`) when temperature is 0.
 
   Args take the HF processor's names and layout. The batch must be **left-padded** (each row's
@@ -313,6 +325,7 @@ def generate(model: Qwen25VL, input_ids, attention_mask=None, pixel_values=None,
     both for one compile across many image sizes.
   mm_token_type_ids: optional, as the processor returns it; derived from the image-pad ids otherwise.
   return_steps: also return how many tokens were decoded before every row was done (for benchmarks).
+  row_kernel: False keeps XLA's dot in the CPU decode steps instead of the row kernel (for comparisons).
 
   Returns (batch, max_new_tokens) int32 numpy array of generated ids only (no prompt).
   A new prompt length, patch budget or batch size compiles once more; bucket them for serving.
@@ -329,7 +342,7 @@ def generate(model: Qwen25VL, input_ids, attention_mask=None, pixel_values=None,
   out = _decode_jit(
       graphdef, state, inputs, _typed_key(None if cfg.greedy else rng), np.float32(cfg.temperature or 1.0),
       np.float32(cfg.top_p), eos, np.int32(pad), max_new_tokens=cfg.max_new_tokens, greedy=cfg.greedy,
-      top_k=0 if cfg.greedy else cfg.top_k, use_top_p=not cfg.greedy and cfg.top_p < 1.0)
+      top_k=0 if cfg.greedy else cfg.top_k, use_top_p=not cfg.greedy and cfg.top_p < 1.0, row_kernel=row_kernel)
   tokens, steps = np.asarray(out.tokens), out.steps  # the only host sync
   return (tokens, int(steps)) if return_steps else tokens
 

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from eemo_jax.kernels import row_matmul
+
 Initializer = Callable[..., jax.Array]
 _default_init = nnx.initializers.normal(stddev=0.02)
 
@@ -47,8 +49,26 @@ class Linear(nnx.Module):
     return y
 
 
-@jax.custom_vjp
 def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+  """`x @ w` for x (..., in) and w (in, out): every weight matmul of the model.
+
+  In CPU decode steps (traced inside `row_matmul.in_decode_steps`) a few fp32 rows go to the row kernel,
+  which streams the weight at the memory's speed; everywhere else `_dense_matmul`.
+  """
+  if row_matmul.applies(x, w):
+    return row_matmul.row_matmul(x, w)
+  return _dense_matmul(x, w)
+
+
+def matmul_transposed(x: jax.Array, w: jax.Array) -> jax.Array:
+  """`x @ w.T` for w (out, in): a tied embedding as the output head, read as it is stored."""
+  if row_matmul.applies(x, w):
+    return row_matmul.row_matmul(x, w, transposed=True)
+  return _dense_matmul(x, w.T)
+
+
+@jax.custom_vjp
+def _dense_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
   """`x @ w` for x (..., in), whose weight gradient contracts the leading axes as one rows axis.
 
   Autodiff of `jnp.dot` gives the weight gradient as one matmul contracting (batch, seq). XLA:CPU
@@ -73,7 +93,7 @@ def _matmul_backward(residuals, dy):
   return dx, dw
 
 
-matmul.defvjp(_matmul_forward, _matmul_backward)
+_dense_matmul.defvjp(_matmul_forward, _matmul_backward)
 
 
 class RMSNorm(nnx.Module):
@@ -99,7 +119,7 @@ class Embed(nnx.Module):
 
   def attend(self, x: jax.Array) -> jax.Array:
     """Tied output head: `x @ embedding.T`."""
-    return matmul(x, self.embedding[...].astype(x.dtype).T)
+    return matmul_transposed(x, self.embedding[...].astype(x.dtype))
 
 
 class SwiGLU(nnx.Module):

@@ -64,10 +64,11 @@ def completion_mask(tokens: jax.Array, eos_ids: jax.Array) -> tuple[jax.Array, j
 
 def _rollout(graphdef, state, inputs: ModelInputs, rng, temperature, top_p, eos_ids, pad_id, *, group_size: int,
              max_completion_length: int, greedy: bool, top_k: int, use_top_p: bool, constrain=None,
-             layer_loop: str | None = None) -> Rollout:
+             layer_loop: str | None = None, row_kernel: bool | None = None) -> Rollout:
   decoded = sampler.decode(graphdef, state, inputs, rng, temperature, top_p, eos_ids, pad_id,
                            max_new_tokens=max_completion_length, group_size=group_size, greedy=greedy, top_k=top_k,
-                           use_top_p=use_top_p, with_logprobs=True, constrain=constrain, layer_loop=layer_loop)
+                           use_top_p=use_top_p, with_logprobs=True, constrain=constrain, layer_loop=layer_loop,
+                           row_kernel=row_kernel)
   mask, truncated = completion_mask(decoded.tokens, eos_ids)
   pin = constrain or (lambda x, axes: x)
   rows = ("act_batch", None)
@@ -97,7 +98,7 @@ class RolloutFn:
     self._fn = functools.partial(
         _rollout, graphdef, group_size=group_size, max_completion_length=cfg.max_new_tokens, greedy=cfg.greedy,
         top_k=0 if cfg.greedy else cfg.top_k, use_top_p=not cfg.greedy and cfg.top_p < 1.0, constrain=constrain,
-        layer_loop=layer_loop)
+        layer_loop=layer_loop, row_kernel=mesh is None or mesh.devices.size == 1)  # the kernel has no sharding rule
     self.jitted = jax.jit(self._fn)
 
   def __call__(self, state, inputs: ModelInputs, rng: jax.Array, *, eos_ids: int | Sequence[int],
