@@ -111,7 +111,12 @@ void RunParts(ffi::ThreadPool& pool, int parts, Part part) {
   }
 }
 
-int Threads(ffi::ThreadPool& pool) { return std::clamp(static_cast<int>(pool.num_threads()), 1, 16); }
+// Below this many bytes of weights one thread streams the weight faster than two can start on it.
+constexpr int64_t kOneThreadBytes = 128 << 10;
+
+int Threads(ffi::ThreadPool& pool, int64_t weight_bytes) {
+  return weight_bytes < kOneThreadBytes ? 1 : std::clamp(static_cast<int>(pool.num_threads()), 1, 16);
+}
 
 // One part per pool thread. Finer parts (128-512 KB of weights each, claimed as threads come free) and
 // software prefetches were measured slower on the `small` decoder's shapes (benchmarks/README.md).
@@ -123,7 +128,7 @@ int64_t PartLength(int64_t length, int threads, int64_t multiple) {
 template <int M>
 void MatmulKN(ffi::ThreadPool& pool, const float* x, const float* w, float* y, int64_t K, int64_t N) {
   // Part 0 accumulates into y itself; the others into scratch, added to y at the end.
-  const int64_t chunk = PartLength(K, Threads(pool), kRowsPerPass);
+  const int64_t chunk = PartLength(K, Threads(pool, K * N * 4), kRowsPerPass);
   const int parts = static_cast<int>((K + chunk - 1) / chunk);
   thread_local std::vector<float> scratch;
   scratch.resize(std::max<size_t>(scratch.size(), static_cast<size_t>(parts - 1) * M * N));
@@ -140,7 +145,7 @@ void MatmulKN(ffi::ThreadPool& pool, const float* x, const float* w, float* y, i
 
 template <int M>
 void MatmulNK(ffi::ThreadPool& pool, const float* x, const float* w, float* y, int64_t K, int64_t N) {
-  const int64_t chunk = PartLength(N, Threads(pool), 1);
+  const int64_t chunk = PartLength(N, Threads(pool, K * N * 4), 1);
   const int parts = static_cast<int>((N + chunk - 1) / chunk);
   RunParts(pool, parts, [=](int p) { RowsOfWT<M>(x, w, y, K, N, p * chunk, std::min(N, (p + 1) * chunk)); });
 }

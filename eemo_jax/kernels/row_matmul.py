@@ -36,8 +36,9 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("row_matmul.cc")
 MAX_ROWS = 16  # the kernel's limit (kMaxRows); more rows are a matmul XLA's own kernels do well
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
-_TARGETS = {False: "eemo_row_matmul", True: "eemo_row_matmul_transposed"}
-_SYMBOLS = {False: "RowMatmul", True: "RowMatmulTransposed"}
+# layout -> (XLA custom-call target, handler symbol): the weight stored (K, N) or (N, K).
+_HANDLERS = {"in_out": ("eemo_row_matmul", "RowMatmul"),
+             "out_in": ("eemo_row_matmul_transposed", "RowMatmulTransposed")}
 
 _lock = threading.Lock()
 _loaded: ctypes.CDLL | None = None
@@ -92,15 +93,16 @@ def applies(x: jax.Array, w: jax.Array) -> bool:
   return 1 <= rows <= MAX_ROWS and available()
 
 
-def row_matmul(x: jax.Array, w: jax.Array, *, transposed: bool = False) -> jax.Array:
-  """x (..., K) @ w (K, N), or x @ w.T for w (N, K) with `transposed`: (..., N) fp32, by the kernel.
+def row_matmul(x: jax.Array, w: jax.Array, *, layout: str = "in_out") -> jax.Array:
+  """x (..., K) @ W -> (..., N) fp32, by the kernel, for W stored as `layout` says:
+  "in_out": w (K, N); "out_in": w (N, K), i.e. x @ w.T (a tied embedding).
 
   Callers check `applies` first; this raises if the kernel is not available.
   """
   if not available():
     raise RuntimeError(f"The row-matmul kernel is not available: {_failure}")
-  n = w.shape[0] if transposed else w.shape[1]
-  call = jax.ffi.ffi_call(_TARGETS[transposed], jax.ShapeDtypeStruct(x.shape[:-1] + (n,), jnp.float32))
+  n = w.shape[1] if layout == "in_out" else w.shape[0]
+  call = jax.ffi.ffi_call(_HANDLERS[layout][0], jax.ShapeDtypeStruct(x.shape[:-1] + (n,), jnp.float32))
   return call(x, w)
 
 
@@ -150,8 +152,8 @@ def _build() -> Path:
 def _load(library: Path) -> ctypes.CDLL:
   try:
     lib = ctypes.cdll.LoadLibrary(str(library))
-    for transposed, target in _TARGETS.items():
-      jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, _SYMBOLS[transposed])), platform="cpu")
+    for target, symbol in _HANDLERS.values():
+      jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
   except (OSError, AttributeError, ValueError) as e:
     raise _Unavailable(f"loading {library} failed ({e}); delete it to rebuild") from None
   return lib

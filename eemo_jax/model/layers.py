@@ -63,7 +63,7 @@ def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
 def matmul_transposed(x: jax.Array, w: jax.Array) -> jax.Array:
   """`x @ w.T` for w (out, in): a tied embedding as the output head, read as it is stored."""
   if row_matmul.applies(x, w):
-    return row_matmul.row_matmul(x, w, transposed=True)
+    return row_matmul.row_matmul(x, w, layout="out_in")
   return _dense_matmul(x, w.T)
 
 

@@ -44,9 +44,9 @@ def test_weight_stored_in_out(rows, k, n):
 
 @pytest.mark.parametrize("rows,k,n", SHAPES)
 def test_weight_stored_out_in(rows, k, n):
-  """`transposed`: x @ w.T for w (N, K), as a tied embedding is stored."""
+  """layout "out_in": x @ w.T for w (N, K), as a tied embedding is stored."""
   x, w = _operands(rows, k, n, seed=1)
-  y = jax.jit(lambda x, wt: row_matmul.row_matmul(x, wt, transposed=True))(x, np.ascontiguousarray(w.T))
+  y = jax.jit(lambda x, wt: row_matmul.row_matmul(x, wt, layout="out_in"))(x, np.ascontiguousarray(w.T))
   _assert_matches_float64(y, x, w)
 
 
