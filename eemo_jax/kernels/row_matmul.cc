@@ -2,9 +2,9 @@
 // (`RowMatmul`) or (N, K) (`RowMatmulTransposed`, x @ w.T: a tied embedding as the output head).
 //
 // Why: a decode step multiplies a handful of rows by every weight of the model once, so it runs at the
-// speed weights stream from memory. XLA:CPU's dot streams a (K, N) weight at about 60% of the memory's
-// read bandwidth with M = 4 rows; these kernels read every weight exactly once, front to back, and keep
-// the M partial rows in registers or in the core's own cache.
+// speed weights stream from memory. XLA:CPU's dot streams a (K, N) weight with M = 4 rows at about two
+// thirds of the speed of these kernels, which read every weight exactly once, front to back, and keep the
+// M partial rows in registers or in the core's own cache (figures in benchmarks/README.md).
 //
 // Work split: `RowMatmul` splits K over the threads (each thread streams whole contiguous rows of w, the
 // pattern the hardware prefetchers follow best) and sums the per-thread partial products at the end;
