@@ -118,7 +118,7 @@ int Threads(ffi::ThreadPool& pool, int64_t weight_bytes) {
   return weight_bytes < kOneThreadBytes ? 1 : std::clamp(static_cast<int>(pool.num_threads()), 1, 16);
 }
 
-// One part per pool thread. Finer parts (128-512 KB of weights each, claimed as threads come free) and
+// One part per pool thread. Finer parts (64-512 KB of weights each, claimed as threads come free) and
 // software prefetches were measured slower on the `small` decoder's shapes (benchmarks/README.md).
 int64_t PartLength(int64_t length, int threads, int64_t multiple) {
   const int64_t part = std::max<int64_t>((length + threads - 1) / threads, 1);
@@ -158,49 +158,30 @@ constexpr std::array<Fn, sizeof...(Ms)> Table(bool transposed, std::integer_sequ
                     : std::array<Fn, sizeof...(Ms)>{&MatmulKN<Ms + 1>...};
 }
 
-ffi::Error Matmul(bool transposed, ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+template <bool kTransposed>
+ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                   ffi::ResultBuffer<ffi::F32> y) {
   const auto wd = w.dimensions();
   if (wd.size() != 2) return ffi::Error::InvalidArgument("row_matmul: the weight must be 2-D");
-  const int64_t K = transposed ? wd[1] : wd[0];
-  const int64_t N = transposed ? wd[0] : wd[1];
+  const int64_t K = kTransposed ? wd[1] : wd[0];
+  const int64_t N = kTransposed ? wd[0] : wd[1];
   const auto xd = x.dimensions();
-  if (xd.size() == 0 || xd[xd.size() - 1] != K)
-    return ffi::Error::InvalidArgument("row_matmul: x's last axis must match the weight's input axis");
-  const int64_t M = K == 0 ? 0 : static_cast<int64_t>(x.element_count()) / K;
+  if (K == 0 || xd.size() == 0 || xd[xd.size() - 1] != K)
+    return ffi::Error::InvalidArgument("row_matmul: x's last axis must match the weight's (non-empty) input axis");
+  const int64_t M = static_cast<int64_t>(x.element_count()) / K;
   if (M < 1 || M > kMaxRows) return ffi::Error::InvalidArgument("row_matmul: 1 to 16 rows only");
-  if (K == 0) {
-    std::memset(y->typed_data(), 0, sizeof(float) * M * N);
-    return ffi::Error::Success();
-  }
-  static const auto kn = Table(false, std::make_integer_sequence<int, kMaxRows>{});
-  static const auto nk = Table(true, std::make_integer_sequence<int, kMaxRows>{});
-  (transposed ? nk : kn)[M - 1](pool, x.typed_data(), w.typed_data(), y->typed_data(), K, N);
+  static const auto by_rows = Table(kTransposed, std::make_integer_sequence<int, kMaxRows>{});
+  by_rows[M - 1](pool, x.typed_data(), w.typed_data(), y->typed_data(), K, N);
   return ffi::Error::Success();
 }
 
-ffi::Error MatmulKNImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                        ffi::ResultBuffer<ffi::F32> y) {
-  return Matmul(false, pool, x, w, y);
-}
-
-ffi::Error MatmulNKImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                        ffi::ResultBuffer<ffi::F32> y) {
-  return Matmul(true, pool, x, w, y);
+// Both handlers take the same operands: (x, w) -> y, fp32, on XLA's intra-op thread pool.
+auto Binding() {
+  return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::Buffer<ffi::F32>>();
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(RowMatmul, MatmulKNImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(RowMatmulTransposed, MatmulNKImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RowMatmul, Matmul<false>, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RowMatmulTransposed, Matmul<true>, Binding());

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -115,7 +116,6 @@ def _probe(tmp_path, **env_changes):
   env.update({"EEMO_JAX_KERNEL_CACHE": str(tmp_path / "kernels"), "JAX_PLATFORMS": "cpu"}, **env_changes)
   out = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr
-  import json
   return json.loads(out.stdout.strip().splitlines()[-1]), out.stderr
 
 
