@@ -87,6 +87,30 @@ void RowsOfWT(const float* x, const float* w, float* y, int64_t K, int64_t N, in
   }
 }
 
+// y[:, 64t:64t+64] for the rows r0..r0+G of x, from the weight packed in column tiles: tile t is w[:, 64t:64t+64]
+// stored contiguously (K, 64). A tile is one sequential stream, the partial rows stay in registers (G x 4
+// vectors), and a thread's tiles are one contiguous range: twice the speed of `RowsOfW` on the `small`
+// decoder's shapes (benchmarks/README.md).
+constexpr int kTile = 64;
+constexpr int kTileRows = 4;  // rows per pass over a tile: 16 accumulators of the 32 AVX-512 registers
+
+template <int G>
+void TileRows(const float* x, const float* tile, float* y, int64_t K, int64_t N) {
+  constexpr int V = kTile / kLanes;
+  Vec a[G][V];
+  for (int r = 0; r < G; ++r)
+    for (int v = 0; v < V; ++v) a[r][v] = Vec{};
+  for (int64_t k = 0; k < K; ++k) {
+    const float* wk = tile + k * kTile;
+    for (int v = 0; v < V; ++v) {
+      const Vec wv = Load(wk + v * kLanes);
+      for (int r = 0; r < G; ++r) a[r][v] += x[r * K + k] * wv;
+    }
+  }
+  for (int r = 0; r < G; ++r)
+    for (int v = 0; v < V; ++v) Store(y + r * N + v * kLanes, a[r][v]);
+}
+
 // Parts claimed through one counter; the counters outlive the call for a pool task that starts late.
 struct Claims {
   std::atomic<int> next{0};
@@ -150,32 +174,129 @@ void MatmulNK(ffi::ThreadPool& pool, const float* x, const float* w, float* y, i
   RunParts(pool, parts, [=](int p) { RowsOfWT<M>(x, w, y, K, N, p * chunk, std::min(N, (p + 1) * chunk)); });
 }
 
-using Fn = void (*)(ffi::ThreadPool&, const float*, const float*, float*, int64_t, int64_t);
-
-template <int... Ms>
-constexpr std::array<Fn, sizeof...(Ms)> Table(bool transposed, std::integer_sequence<int, Ms...>) {
-  return transposed ? std::array<Fn, sizeof...(Ms)>{&MatmulNK<Ms + 1>...}
-                    : std::array<Fn, sizeof...(Ms)>{&MatmulKN<Ms + 1>...};
+void MatmulTiles(ffi::ThreadPool& pool, const float* x, const float* w, float* y, int64_t M, int64_t K,
+                 int64_t tiles) {
+  const int64_t N = tiles * kTile;
+  const int64_t chunk = PartLength(tiles, Threads(pool, K * N * 4), 1);
+  const int parts = static_cast<int>((tiles + chunk - 1) / chunk);
+  RunParts(pool, parts, [=](int p) {
+    for (int64_t t = p * chunk; t < std::min(tiles, (p + 1) * chunk); ++t) {
+      const float* tile = w + t * K * kTile;
+      // More rows than a pass takes: further passes re-read the tile, from the core's cache when it fits.
+      for (int64_t r = 0; r < M; r += kTileRows) {
+        const float* xr = x + r * K;
+        float* yr = y + r * N + t * kTile;
+        switch (std::min<int64_t>(kTileRows, M - r)) {
+          case 1: TileRows<1>(xr, tile, yr, K, N); break;
+          case 2: TileRows<2>(xr, tile, yr, K, N); break;
+          case 3: TileRows<3>(xr, tile, yr, K, N); break;
+          default: TileRows<4>(xr, tile, yr, K, N); break;
+        }
+      }
+    }
+  });
 }
 
+// Batched: B independent products, y[b] (M, N) = x[b] (M, K) @ w[b], one batch entry per part-step (a decode
+// step's attention: batch x kv heads entries of single-query scores against K and probabilities times V).
+template <int M, bool kTransposed>
+void MatmulBatched(ffi::ThreadPool& pool, const float* x, const float* w, float* y, int64_t B, int64_t K,
+                   int64_t N) {
+  const int64_t chunk = PartLength(B, Threads(pool, B * K * N * 4), 1);
+  const int parts = static_cast<int>((B + chunk - 1) / chunk);
+  RunParts(pool, parts, [=](int p) {
+    for (int64_t b = p * chunk; b < std::min(B, (p + 1) * chunk); ++b) {
+      const float* xb = x + b * M * K;
+      const float* wb = w + b * K * N;
+      float* yb = y + b * M * N;
+      if constexpr (kTransposed) RowsOfWT<M>(xb, wb, yb, K, N, 0, N);
+      else RowsOfW<M>(xb, wb, yb, K, N, 0, K);
+    }
+  });
+}
+
+using Fn = void (*)(ffi::ThreadPool&, const float*, const float*, float*, int64_t, int64_t, int64_t);
+
+// One entry per row count: B == 1 is the plain product, split over K or N; B > 1 splits the batch.
+template <int M, bool kTransposed>
+void Multiply(ffi::ThreadPool& pool, const float* x, const float* w, float* y, int64_t B, int64_t K, int64_t N) {
+  if (B > 1) MatmulBatched<M, kTransposed>(pool, x, w, y, B, K, N);
+  else if constexpr (kTransposed) MatmulNK<M>(pool, x, w, y, K, N);
+  else MatmulKN<M>(pool, x, w, y, K, N);
+}
+
+template <bool kTransposed, int... Ms>
+constexpr std::array<Fn, sizeof...(Ms)> Table(std::integer_sequence<int, Ms...>) {
+  return {&Multiply<Ms + 1, kTransposed>...};
+}
+
+// w (K, N) or (N, K) as `kTransposed` says, x (..., K): the leading axes are the rows. With leading batch
+// axes, w (*batch, K, N) or (*batch, N, K) and x (*batch, ..., K): each batch entry its own product.
 template <bool kTransposed>
 ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                   ffi::ResultBuffer<ffi::F32> y) {
   const auto wd = w.dimensions();
-  if (wd.size() != 2) return ffi::Error::InvalidArgument("row_matmul: the weight must be 2-D");
-  const int64_t K = kTransposed ? wd[1] : wd[0];
-  const int64_t N = kTransposed ? wd[0] : wd[1];
   const auto xd = x.dimensions();
-  if (K == 0 || xd.size() == 0 || xd[xd.size() - 1] != K)
-    return ffi::Error::InvalidArgument("row_matmul: x's last axis must match the weight's (non-empty) input axis");
-  const int64_t M = static_cast<int64_t>(x.element_count()) / K;
+  const size_t rank = wd.size();
+  if (rank < 2) return ffi::Error::InvalidArgument("row_matmul: the weight must have at least 2 axes");
+  const int64_t K = kTransposed ? wd[rank - 1] : wd[rank - 2];
+  const int64_t N = kTransposed ? wd[rank - 2] : wd[rank - 1];
+  bool batch_matches = xd.size() > rank - 2;
+  int64_t B = 1;
+  for (size_t i = 0; i + 2 < rank; ++i) {
+    B *= wd[i];
+    batch_matches = batch_matches && xd[i] == wd[i];
+  }
+  if (K == 0 || B == 0 || xd.size() == 0 || xd[xd.size() - 1] != K || !batch_matches)
+    return ffi::Error::InvalidArgument(
+        "row_matmul: x's last axis must match the weight's (non-empty) input axis, and its first the batch axes");
+  const int64_t M = static_cast<int64_t>(x.element_count()) / (B * K);
   if (M < 1 || M > kMaxRows) return ffi::Error::InvalidArgument("row_matmul: 1 to 16 rows only");
-  static const auto by_rows = Table(kTransposed, std::make_integer_sequence<int, kMaxRows>{});
-  by_rows[M - 1](pool, x.typed_data(), w.typed_data(), y->typed_data(), K, N);
+  static const auto by_rows = Table<kTransposed>(std::make_integer_sequence<int, kMaxRows>{});
+  by_rows[M - 1](pool, x.typed_data(), w.typed_data(), y->typed_data(), B, K, N);
   return ffi::Error::Success();
 }
 
-// Both handlers take the same operands: (x, w) -> y, fp32, on XLA's intra-op thread pool.
+// x (..., K) and w packed as (tiles, K, 64) -> y (..., tiles * 64).
+ffi::Error MatmulTiled(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                       ffi::ResultBuffer<ffi::F32> y) {
+  const auto wd = w.dimensions();
+  const auto xd = x.dimensions();
+  if (wd.size() != 3 || wd[2] != kTile || xd.size() == 0 || wd[1] == 0 || xd[xd.size() - 1] != wd[1])
+    return ffi::Error::InvalidArgument("row_matmul tiles: w must be (tiles, K, 64) with K = x's last axis");
+  const int64_t M = static_cast<int64_t>(x.element_count()) / wd[1];
+  if (M < 1 || M > kMaxRows) return ffi::Error::InvalidArgument("row_matmul: 1 to 16 rows only");
+  MatmulTiles(pool, x.typed_data(), w.typed_data(), y->typed_data(), M, wd[1], wd[0]);
+  return ffi::Error::Success();
+}
+
+// w (K, N) -> (N / 64, K, 64), the layout `MatmulTiles` streams. A custom call rather than XLA's transpose:
+// XLA hoists a custom call whose operand does not change out of a loop, and does not hoist a transpose
+// ("not worth hoisting" on its own), so inside a decode loop the weights are packed once, not every step.
+ffi::Error PackTiles(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> out) {
+  const auto wd = w.dimensions();
+  if (wd.size() != 2 || wd[1] % kTile != 0)
+    return ffi::Error::InvalidArgument("row_matmul pack: w must be 2-D with a multiple of 64 columns");
+  const int64_t K = wd[0], N = wd[1], tiles = N / kTile;
+  const float* src = w.typed_data();
+  float* dst = out->typed_data();
+  // Blocks of 4 rows: each part reads its rows of w in order and writes 1 KB runs into every tile (4 to 16 rows
+  // measured alike, within noise; one row and 16 slower).
+  constexpr int64_t kBlock = 4;
+  const int64_t chunk = PartLength(K, Threads(pool, K * N * 4), kBlock);
+  const int parts = static_cast<int>((K + chunk - 1) / chunk);
+  RunParts(pool, parts, [=](int p) {
+    for (int64_t k0 = p * chunk; k0 < std::min(K, (p + 1) * chunk); k0 += kBlock) {
+      const int64_t k1 = std::min({K, k0 + kBlock, (p + 1) * chunk});
+      for (int64_t t = 0; t < tiles; ++t)
+        for (int64_t k = k0; k < k1; ++k)
+          std::memcpy(dst + (t * K + k) * kTile, src + k * N + t * kTile, sizeof(float) * kTile);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// All handlers take the same operands: (x, w) -> y, fp32, on XLA's intra-op thread pool.
 auto Binding() {
   return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>()
       .Ret<ffi::Buffer<ffi::F32>>();
@@ -185,3 +306,7 @@ auto Binding() {
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RowMatmul, Matmul<false>, Binding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RowMatmulTransposed, Matmul<true>, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RowMatmulTiles, MatmulTiled, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RowMatmulPackTiles, PackTiles,
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

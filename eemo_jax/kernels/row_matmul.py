@@ -21,6 +21,7 @@ import contextlib
 import ctypes
 import hashlib
 import logging
+import math
 import os
 import platform
 import shutil
@@ -39,7 +40,10 @@ MAX_ROWS = 16  # the kernel's limit (kMaxRows); more rows are a matmul XLA's own
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
 # layout -> (XLA custom-call target, handler symbol): the weight stored (K, N) or (N, K).
 _HANDLERS = {"in_out": ("eemo_row_matmul", "RowMatmul"),
-             "out_in": ("eemo_row_matmul_transposed", "RowMatmulTransposed")}
+             "out_in": ("eemo_row_matmul_transposed", "RowMatmulTransposed"),
+             "tiles": ("eemo_row_matmul_tiles", "RowMatmulTiles"),
+             "pack": ("eemo_row_matmul_pack_tiles", "RowMatmulPackTiles")}
+TILE = 64  # columns per tile of a packed weight (kTile)
 
 _lock = threading.Lock()
 _loaded: ctypes.CDLL | None = None
@@ -77,34 +81,95 @@ def in_decode_steps(enabled: bool = True):
   decode loop turns it on around the layers of one step; training, prefill and sharded rollouts never do
   (the kernel has no gradient and no sharding rule).
   """
-  before = getattr(_scope, "on", False)
-  _scope.on = enabled
+  before = getattr(_scope, "on", False), getattr(_scope, "packed", 0)
+  _scope.on, _scope.packed = enabled, 0
   try:
     yield
   finally:
-    _scope.on = before
+    _scope.on, _scope.packed = before
 
 
 def applies(x: jax.Array, w: jax.Array) -> bool:
   """Whether `x @ w` (or `x @ w.T`) is traced inside `in_decode_steps` with fp32 operands, 1 to
-  MAX_ROWS rows, a 2-D weight, and the kernel available."""
-  if not getattr(_scope, "on", False) or x.dtype != jnp.float32 or w.dtype != jnp.float32 or w.ndim != 2:
+  MAX_ROWS rows (per batch entry), a 2-D weight or a batch of them (w's leading axes are x's), and the
+  kernel available."""
+  if not getattr(_scope, "on", False) or x.dtype != jnp.float32 or w.dtype != jnp.float32 or w.ndim < 2:
     return False
-  rows = x.size // max(x.shape[-1], 1) if x.ndim else 0
-  return 1 <= rows <= MAX_ROWS and available()
+  batch_axes = w.shape[:-2]
+  if x.ndim <= len(batch_axes) or x.shape[:len(batch_axes)] != batch_axes:
+    return False
+  rows = x.size // max(x.shape[-1] * math.prod(batch_axes), 1)
+  return 1 <= rows <= MAX_ROWS and jax.default_backend() == "cpu" and available()
 
 
 def row_matmul(x: jax.Array, w: jax.Array, *, layout: str = "in_out") -> jax.Array:
   """x (..., K) @ W -> (..., N) fp32, by the kernel, for W stored as `layout` says:
   "in_out": w (K, N); "out_in": w (N, K), i.e. x @ w.T (a tied embedding).
+  Leading axes of w are batch axes, (*batch, K, N) or (*batch, N, K), and x (*batch, ..., K): each batch
+  entry its own product (a decode step's attention against its KV cache).
 
   Callers check `applies` first; this raises if the kernel is not available.
   """
   if not available():
     raise RuntimeError(f"The row-matmul kernel is not available: {_failure}")
-  n = w.shape[1] if layout == "in_out" else w.shape[0]
-  call = jax.ffi.ffi_call(_HANDLERS[layout][0], jax.ShapeDtypeStruct(x.shape[:-1] + (n,), jnp.float32))
-  return call(x, w)
+  n = w.shape[-1] if layout == "in_out" else w.shape[-2]
+  out = jax.ShapeDtypeStruct(x.shape[:-1] + (n,), jnp.float32)
+  # Inside a decode step (a loop), weights are packed into column tiles, once per decode call (`pack_tiles`).
+  in_loop = getattr(_scope, "on", False)
+  if in_loop and layout == "in_out" and w.ndim == 2 and n % TILE == 0 and _take_pack_budget(w.size * 4):
+    return row_matmul_packed(x, pack_tiles(w))
+  return jax.ffi.ffi_call(_HANDLERS[layout][0], out)(x, w)
+
+
+def row_matmul_packed(x: jax.Array, packed: jax.Array) -> jax.Array:
+  """x (..., K) @ W for W packed by `pack_tiles` (tiles, K, TILE) -> (..., tiles * TILE), fp32.
+
+  Each tile is one sequential stream and its partial rows stay in registers: on the dev VM the `small`
+  decoder's weights stream at ~50 GB/s this way against ~25-30 unpacked (benchmarks/README.md).
+  """
+  if not available():
+    raise RuntimeError(f"The row-matmul kernel is not available: {_failure}")
+  if packed.ndim != 3 or packed.shape[2] != TILE or x.shape[-1] != packed.shape[1]:
+    raise ValueError(f"row_matmul_packed: a (tiles, K, {TILE}) weight with K = x's last axis ({x.shape[-1]}), "
+                     f"got {packed.shape}; pack it with pack_tiles")
+  out = jax.ShapeDtypeStruct(x.shape[:-1] + (packed.shape[0] * TILE,), jnp.float32)
+  return jax.ffi.ffi_call(_HANDLERS["tiles"][0], out)(x, packed)
+
+
+def pack_budget_bytes() -> int:
+  """How many bytes of weights one decode program may pack (`EEMO_JAX_PACK_BUDGET_MB`, default 2048).
+
+  The packed copies live in the decode call's temporary memory beside the weights themselves; past the
+  budget, weights stream unpacked (`RowMatmul`, about half the speed). 0 packs nothing.
+  """
+  raw = os.environ.get("EEMO_JAX_PACK_BUDGET_MB", "2048")
+  try:
+    megabytes = float(raw)
+  except ValueError:
+    raise ValueError(f"EEMO_JAX_PACK_BUDGET_MB must be a number of megabytes, got {raw!r}") from None
+  return int(megabytes * 2**20)
+
+
+def _take_pack_budget(nbytes: int) -> bool:
+  """Counts `nbytes` against the budget of the decode step being traced; False if it does not fit."""
+  packed = getattr(_scope, "packed", 0)
+  if packed + nbytes > pack_budget_bytes():
+    return False
+  _scope.packed = packed + nbytes
+  return True
+
+
+def pack_tiles(w: jax.Array) -> jax.Array:
+  """(K, N) -> (N / TILE, K, TILE): column tiles, each stored contiguously, by the kernel's own copy.
+
+  Inside a decode loop the weights do not change, and XLA hoists this call out of the loop (it does not
+  hoist a plain transpose): the weights are packed once per decode call, into its temporary memory, and
+  every step streams the packed copy.
+  """
+  k, n = w.shape
+  if n % TILE:
+    raise ValueError(f"pack_tiles: the weight's {n} columns are not a multiple of {TILE}")
+  return jax.ffi.ffi_call(_HANDLERS["pack"][0], jax.ShapeDtypeStruct((n // TILE, k, TILE), jnp.float32))(w)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -140,7 +205,9 @@ def _build() -> Path:
   try:
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     if result.returncode != 0:
-      tail = (result.stderr or result.stdout).strip().splitlines()[-5:]
+      lines = (result.stderr or result.stdout).strip().splitlines()
+      errors = [line for line in lines if "error" in line.lower()]  # not the warnings after them
+      tail = errors[:5] or lines[-5:]
       raise _Unavailable(f"compiling {SOURCE.name} with {compiler} failed: " + " | ".join(tail))
     os.replace(partial, library)
   except (OSError, subprocess.SubprocessError) as e:

@@ -11,6 +11,8 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from eemo_jax.kernels import row_matmul
+
 Implementation = Literal["xla", "cudnn"]
 
 
@@ -75,7 +77,7 @@ def _xla_attention(q, k, v, mask):
 def _probabilities(qh: jax.Array, kh: jax.Array, mask: jax.Array) -> jax.Array:
   """fp32 softmax of the masked, scaled scores: (batch, kv_heads, groups, q_len, kv_len)."""
   scale = qh.shape[-1] ** -0.5
-  scores = jnp.einsum("bkgqd,bksd->bkgqs", qh, kh, preferred_element_type=jnp.float32) * scale
+  scores = _scores(qh, kh) * scale
   # Fully masked rows (padding queries) become uniform, not NaN.
   scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
   # Softmax over (rows, kv_len): the same values, but XLA:CPU turned the 5-D form's row sums into one
@@ -98,8 +100,26 @@ def _attend(qh: jax.Array, kh: jax.Array, vh: jax.Array, mask: jax.Array) -> jax
 
 def _attend_forward(qh, kh, vh, mask):
   probs = _probabilities(qh, kh, mask)
-  out = jnp.einsum("bkgqs,bksd->bkgqd", probs.astype(vh.dtype), vh)  # (batch, kv_heads, groups, q_len, hd)
+  out = _weighted_values(probs.astype(vh.dtype), vh)  # (batch, kv_heads, groups, q_len, hd)
   return out, (qh, kh, vh, mask, probs)
+
+
+# A CPU decode step (traced inside `row_matmul.in_decode_steps`: one query per row, no gradient) computes
+# both products with the row kernel, one (groups, head_dim) x (kv_len, head_dim) product per batch row and
+# KV head, reading the cache as stored. XLA:CPU's batched dots read it at ~10 GB/s there: ~130 us of each
+# `small` layer's step, most of the step's time outside the weight matmuls (benchmarks/README.md).
+def _scores(qh: jax.Array, kh: jax.Array) -> jax.Array:
+  """q k^T, unscaled, fp32: (batch, kv_heads, groups, q_len, kv_len)."""
+  if row_matmul.applies(qh, kh):
+    return row_matmul.row_matmul(qh, kh, layout="out_in")
+  return jnp.einsum("bkgqd,bksd->bkgqs", qh, kh, preferred_element_type=jnp.float32)
+
+
+def _weighted_values(probs: jax.Array, vh: jax.Array) -> jax.Array:
+  """probs v: (batch, kv_heads, groups, q_len, head_dim)."""
+  if row_matmul.applies(probs, vh):
+    return row_matmul.row_matmul(probs, vh)
+  return jnp.einsum("bkgqs,bksd->bkgqd", probs, vh)
 
 
 def _attend_backward(residuals, d_out):

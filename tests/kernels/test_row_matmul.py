@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -59,6 +60,65 @@ def test_leading_axes_are_rows():
   _assert_matches_float64(y, x, w)
 
 
+@pytest.mark.parametrize("layout", ["in_out", "out_in"])
+@pytest.mark.parametrize("batch,rows,k,n", [((16,), 2, 64, 162), ((4, 4), 2, 162, 64), ((3,), 5, 7, 9),
+                                            ((2, 1), 16, 300, 40), ((64,), 1, 64, 500)])
+def test_batched_weights(layout, batch, rows, k, n):
+  """Leading weight axes are batch axes (decode attention: (batch, kv_heads) entries of (groups, head_dim)
+  queries against (kv_len, head_dim) keys, and probabilities against values): each entry its own product."""
+  rng = np.random.default_rng(5)
+  x = rng.standard_normal(batch + (rows, k), dtype=np.float32)
+  w = rng.standard_normal(batch + (k, n), dtype=np.float32)
+  stored = w if layout == "in_out" else np.ascontiguousarray(np.swapaxes(w, -1, -2))
+  y = np.asarray(jax.jit(lambda x, w: row_matmul.row_matmul(x, w, layout=layout))(x, stored))
+  assert y.shape == batch + (rows, n)
+  for index in np.ndindex(*batch):
+    _assert_matches_float64(y[index], x[index], w[index])
+
+
+# Rows across the kernel's passes of 4 (1-16), K off the vector width, tiles 1 to 500.
+@pytest.mark.parametrize("rows,k,n", [(1, 1, 64), (3, 7, 128), (4, 512, 512), (5, 130, 192), (8, 1536, 512),
+                                      (13, 33, 64), (16, 256, 1536), (4, 512, 32000)])
+def test_packed_weights(rows, k, n):
+  x, w = _operands(rows, k, n, seed=6)
+  packed = jax.jit(row_matmul.pack_tiles)(w)
+  np.testing.assert_array_equal(np.asarray(packed), w.reshape(k, n // 64, 64).transpose(1, 0, 2))
+  _assert_matches_float64(jax.jit(row_matmul.row_matmul_packed)(x, packed), x, w)
+
+
+def test_packing_needs_whole_tiles():
+  with pytest.raises(ValueError, match="multiple of 64"):
+    row_matmul.pack_tiles(jnp.zeros((8, 96), jnp.float32))
+  with pytest.raises(ValueError, match="pack it with pack_tiles"):
+    row_matmul.row_matmul_packed(jnp.zeros((2, 8), jnp.float32), jnp.zeros((8, 64), jnp.float32))
+
+
+def _targets(f, *args):
+  """The custom calls of f traced now (a new function each time: jit would reuse an earlier trace)."""
+  return re.findall(r"stablehlo\.custom_call @(\w+)", jax.jit(lambda *a: f(*a)).lower(*args).as_text())
+
+
+def test_weights_are_packed_only_inside_decode_steps_and_within_the_budget(monkeypatch):
+  """Packing pays only when a loop reuses the packed copy (the decode steps); each decode program packs at most
+  EEMO_JAX_PACK_BUDGET_MB of weights, the rest stream unpacked."""
+  x = np.ones((4, 256), np.float32)
+  ws = [np.ones((256, 512), np.float32)] * 3  # 512 KB each
+  chain = lambda x, ws: [row_matmul.row_matmul(x, w) for w in ws]
+  assert _targets(chain, x, ws) == ["eemo_row_matmul"] * 3
+  with row_matmul.in_decode_steps():
+    assert _targets(chain, x, ws) == ["eemo_row_matmul_pack_tiles", "eemo_row_matmul_tiles"] * 3
+    assert _targets(chain, x, [np.ones((256, 96), np.float32)]) == ["eemo_row_matmul"]  # not whole tiles
+  monkeypatch.setenv("EEMO_JAX_PACK_BUDGET_MB", "1.2")
+  with row_matmul.in_decode_steps():  # each decode step's trace has its own budget
+    for _ in range(2):
+      with row_matmul.in_decode_steps():
+        assert _targets(chain, x, ws) == ["eemo_row_matmul_pack_tiles", "eemo_row_matmul_tiles"] * 2 + [
+            "eemo_row_matmul"]
+  monkeypatch.setenv("EEMO_JAX_PACK_BUDGET_MB", "lots")
+  with row_matmul.in_decode_steps(), pytest.raises(ValueError, match="EEMO_JAX_PACK_BUDGET_MB must be a number"):
+    chain(x, ws)
+
+
 def test_same_bits_every_call():
   """Parts are claimed by whichever thread is free, but each part's sum and the order of the parts are fixed."""
   x, w = _operands(4, 1536, 8960, seed=3)
@@ -87,7 +147,10 @@ def test_applies_only_to_few_fp32_rows_inside_decode_steps():
     assert row_matmul.applies(jnp.zeros((16, 32), jnp.float32), w)
     assert not row_matmul.applies(many, w)
     assert not row_matmul.applies(few.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
-    assert not row_matmul.applies(few, jnp.zeros((2, 32, 8), jnp.float32))
+    assert not row_matmul.applies(few, jnp.zeros((2, 32, 8), jnp.float32))  # batch axes that are not x's
+    assert row_matmul.applies(few, jnp.zeros((4, 32, 8), jnp.float32))  # 4 entries of 1 row
+    assert row_matmul.applies(jnp.zeros((4, 2, 16, 32), jnp.float32), jnp.zeros((4, 2, 32, 8), jnp.float32))
+    assert not row_matmul.applies(jnp.zeros((4, 2, 17, 32), jnp.float32), jnp.zeros((4, 2, 32, 8), jnp.float32))
     with row_matmul.in_decode_steps(False):
       assert not row_matmul.applies(few, w)
     assert row_matmul.applies(few, w)
