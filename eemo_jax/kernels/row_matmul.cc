@@ -24,6 +24,10 @@
 #include <utility>
 #include <vector>
 
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -270,6 +274,20 @@ ffi::Error MatmulTiled(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   return ffi::Error::Success();
 }
 
+// Asks Linux to back [p, p + bytes) with 2 MB pages when it is first written (transparent huge pages in
+// "madvise" mode, the common default). The range is widened to whole 2 MB pages, which may reach into XLA's
+// neighbouring temporaries: the advice changes only the page size, never the contents. Streaming a packed
+// weight from 2 MB pages skips most TLB misses (71-79 against 45-52 GB/s in C on the dev VM); memory that was
+// already written keeps its pages, so only a process's first decode call places them.
+void AdviseHugePages(void* p, size_t bytes) {
+#ifdef __linux__
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  const uintptr_t lo = reinterpret_cast<uintptr_t>(p) & ~(kHuge - 1);
+  const uintptr_t hi = (reinterpret_cast<uintptr_t>(p) + bytes + kHuge - 1) & ~(kHuge - 1);
+  if (bytes >= kHuge) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);  // advice: failure is harmless
+#endif
+}
+
 // w (K, N) -> (N / 64, K, 64), the layout `MatmulTiles` streams. A custom call rather than XLA's transpose:
 // XLA hoists a custom call whose operand does not change out of a loop, and does not hoist a transpose
 // ("not worth hoisting" on its own), so inside a decode loop the weights are packed once, not every step.
@@ -280,6 +298,7 @@ ffi::Error PackTiles(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::ResultB
   const int64_t K = wd[0], N = wd[1], tiles = N / kTile;
   const float* src = w.typed_data();
   float* dst = out->typed_data();
+  AdviseHugePages(dst, K * N * sizeof(float));
   // Blocks of 4 rows: each part reads its rows of w in order and writes 1 KB runs into every tile (4 to 16 rows
   // measured alike, within noise; one row and 16 slower).
   constexpr int64_t kBlock = 4;
