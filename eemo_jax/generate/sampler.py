@@ -25,8 +25,9 @@ host transfer at the end (no per-token host sync). Inside it:
    before the loop (`TextModel.unstacked_layers`, `StepCache`): XLA:CPU copied every layer's weights
    and cache out of the stacked arrays before using them, every step (`small`'s greedy step: 15.1 -> 11.1 ms,
    both in one run; `benchmarks/results/model_throughput.zen4.json`). There, with few rows, the weight
-   matmuls are `eemo_jax.kernels.row_matmul`'s, which stream the weights about 1.4x as fast as XLA:CPU's
-   dot (`small`'s greedy step: 12.2 -> 8.2 ms, one run; unless `row_kernel=False`, or the rows are sharded).
+   matmuls and attention's products with the cache are `eemo_jax.kernels.row_matmul`'s, on weights packed
+   once per call before the loop (`small`'s greedy step: 11.4 ms on XLA's dot, 6.0 ms with the kernels, one
+   run; unless `row_kernel=False`, or the rows are sharded).
 
 The cache is created inside the compiled function and carried by the while loop, which updates it
 in place; it never crosses the jit boundary, so there is nothing to donate.
