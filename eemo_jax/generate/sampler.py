@@ -26,8 +26,8 @@ host transfer at the end (no per-token host sync). Inside it:
    and cache out of the stacked arrays before using them, every step (`small`'s greedy step: 15.1 -> 11.1 ms,
    both in one run; `benchmarks/results/model_throughput.zen4.json`). There, with few rows, the weight
    matmuls and attention's products with the cache are `eemo_jax.kernels.row_matmul`'s, on weights packed
-   once per call before the loop (`small`'s greedy step: 11.4 ms on XLA's dot, 6.0 ms with the kernels, one
-   run; unless `row_kernel=False`, or the rows are sharded).
+   once per call before the loop (`small`'s greedy step: 10.0-11.4 ms on XLA's dot, 5.2-6.0 ms with the
+   kernels, three runs; unless `row_kernel=False`, or the rows are sharded).
 
 The cache is created inside the compiled function and carried by the while loop, which updates it
 in place; it never crosses the jit boundary, so there is nothing to donate.

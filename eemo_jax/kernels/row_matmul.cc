@@ -96,8 +96,8 @@ void RowsOfWT(const float* x, const float* w, float* y, int64_t K, int64_t N, in
 
 // y[:, 64t:64t+64] for the rows r0..r0+G of x, from the weight packed in column tiles: tile t is w[:, 64t:64t+64]
 // stored contiguously (K, 64). A tile is one sequential stream, the partial rows stay in registers (G x 4
-// vectors), and a thread's tiles are one contiguous range: twice the speed of `RowsOfW` on the `small`
-// decoder's shapes (benchmarks/README.md).
+// vectors), and a thread's tiles are one contiguous range: 47-55 against 24-32 GB/s for `RowsOfW` on the
+// `small` decoder's shapes inside its decode step (benchmarks/README.md).
 constexpr int kTile = 64;
 constexpr int kTileRows = 4;  // rows per pass over a tile: 16 accumulators of the 32 AVX-512 registers
 
@@ -302,8 +302,8 @@ ffi::Error PackTiles(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::ResultB
   const float* src = w.typed_data();
   float* dst = out->typed_data();
   AdviseHugePages(dst, K * N * sizeof(float));
-  // Blocks of 4 rows: each part reads its rows of w in order and writes 1 KB runs into every tile (4 to 16 rows
-  // measured alike, within noise; one row and 16 slower).
+  // Blocks of 4 rows: each part reads its rows of w in order and writes 1 KB runs into every tile (`small`'s
+  // 166 MB in 11.9 ms; blocks of 1, 2, 8, 16 or 64 rows took 12.7-17.2 ms, in a noisy phase of the VM).
   constexpr int64_t kBlock = 4;
   const int64_t chunk = PartLength(K, Threads(pool, K * N * 4), kBlock);
   const int parts = static_cast<int>((K + chunk - 1) / chunk);
@@ -318,7 +318,7 @@ ffi::Error PackTiles(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::ResultB
   return ffi::Error::Success();
 }
 
-// All handlers take the same operands: (x, w) -> y, fp32, on XLA's intra-op thread pool.
+// The matmul handlers take the same operands: (x, w) -> y, fp32, on XLA's intra-op thread pool.
 auto Binding() {
   return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>()
       .Ret<ffi::Buffer<ffi::F32>>();

@@ -6,8 +6,8 @@ through the `small` decoder's projections at 18 GB/s; `row_matmul.cc` reads each
 thread pool, at 26 GB/s as stored and at 43 GB/s packed into 64-column tiles (each tile one sequential
 stream). Inside `in_decode_steps` the weights are packed once per decode call (`pack_tiles`, a custom
 call XLA hoists out of the loop; up to `pack_budget_bytes`), and attention reads the KV cache through the
-batched form (one product per row and KV head). `small`'s greedy decode step: 11.4 ms with XLA's dot,
-6.0 ms with these kernels (`benchmarks/README.md`). Only the CPU decode steps use it (`generate.sampler`);
+batched form (one product per row and KV head). `small`'s greedy decode step: 10.0-11.4 ms with XLA's
+dot, 5.2-6.0 ms with these kernels (three runs, `benchmarks/README.md`). Only the CPU decode steps use it (`generate.sampler`);
 everything else, and every accelerator, uses `jnp.dot`.
 
 The kernel is C++ against the FFI headers jaxlib ships (`jax.ffi.include_dir()`), built with the system's
