@@ -113,15 +113,13 @@ def row_matmul(x: jax.Array, w: jax.Array, *, layout: str = "in_out") -> jax.Arr
 
   Callers check `applies` first; this raises if the kernel is not available.
   """
-  if not available():
-    raise RuntimeError(f"The row-matmul kernel is not available: {_failure}")
+  _require_available()
   n = w.shape[-1] if layout == "in_out" else w.shape[-2]
-  out = jax.ShapeDtypeStruct(x.shape[:-1] + (n,), jnp.float32)
   # Inside a decode step (a loop), weights are packed into column tiles, once per decode call (`pack_tiles`).
   in_loop = getattr(_scope, "on", False)
   if in_loop and layout == "in_out" and w.ndim == 2 and n % TILE == 0 and _take_pack_budget(w.size * 4):
     return row_matmul_packed(x, pack_tiles(w))
-  return jax.ffi.ffi_call(_HANDLERS[layout][0], out)(x, w)
+  return jax.ffi.ffi_call(_HANDLERS[layout][0], jax.ShapeDtypeStruct(x.shape[:-1] + (n,), jnp.float32))(x, w)
 
 
 def row_matmul_packed(x: jax.Array, packed: jax.Array) -> jax.Array:
@@ -130,13 +128,17 @@ def row_matmul_packed(x: jax.Array, packed: jax.Array) -> jax.Array:
   Each tile is one sequential stream and its partial rows stay in registers: on the dev VM the `small`
   decoder's weights stream at ~50 GB/s this way against ~25-30 unpacked (benchmarks/README.md).
   """
-  if not available():
-    raise RuntimeError(f"The row-matmul kernel is not available: {_failure}")
+  _require_available()
   if packed.ndim != 3 or packed.shape[2] != TILE or x.shape[-1] != packed.shape[1]:
     raise ValueError(f"row_matmul_packed: a (tiles, K, {TILE}) weight with K = x's last axis ({x.shape[-1]}), "
                      f"got {packed.shape}; pack it with pack_tiles")
   out = jax.ShapeDtypeStruct(x.shape[:-1] + (packed.shape[0] * TILE,), jnp.float32)
   return jax.ffi.ffi_call(_HANDLERS["tiles"][0], out)(x, packed)
+
+
+def _require_available() -> None:
+  if not available():
+    raise RuntimeError(f"The row-matmul kernel is not available: {_failure}")
 
 
 def pack_budget_bytes() -> int:
