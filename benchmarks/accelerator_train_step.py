@@ -23,7 +23,6 @@ of the script (`tests/benchmarks/test_accelerator_train_step.py`).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import statistics

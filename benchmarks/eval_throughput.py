@@ -438,8 +438,7 @@ def _print(name: str, what: str, value) -> None:
 
 def print_table(cpu: dict, limits: dict, results: list[dict], args) -> None:
   print()
-  print(f"CPU: {cpu.get('Model name')} (family {cpu.get('CPU family')} model {cpu.get('Model')}, "
-        f"{cpu.get('CPU(s)')} CPUs, AVX-512 {cpu.get('avx512')}, AMX {cpu.get('amx')})")
+  print(mt.cpu_line(cpu))
   print("Machine limits (same run): fp32 %dx%d matmul GFLOP/s: jax %.1f, torch %.1f; read bandwidth %.1f GB/s" % (
       limits["matmul_n"], limits["matmul_n"], limits["matmul_gflops"]["jax"], limits["matmul_gflops"]["torch"],
       limits["read_bandwidth_gbs"]))
@@ -546,7 +545,7 @@ def main(argv=None) -> int:
   digest = mt.source_digest(MEASURED_SOURCES)  # before the run: what it measures
   reuse = mt.apply_host_memory(args)
   worker = mt.TorchWorker(args.threads, extra_ops_module="eval_throughput", reuse_host_memory=reuse)
-  cpu = gt.cpu_model()
+  cpu = mt.cpu_model()
   clock = CompileClock()
   try:
     with tempfile.TemporaryDirectory(prefix="eemo_eval_bench_") as folder:

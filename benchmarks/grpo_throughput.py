@@ -51,7 +51,6 @@ import os
 import platform
 import queue
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -504,34 +503,9 @@ MEASURED_SOURCES = ("eemo_jax/rl", "eemo_jax/model", "eemo_jax/generate", "eemo_
 
 
 
-def cpu_model() -> dict:
-  """lscpu's model name, family/model and core count (falling back to /proc/cpuinfo)."""
-  info = {}
-  try:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    for line in out.splitlines():
-      key, _, value = line.partition(":")
-      if key.strip() in ("Model name", "CPU family", "Model", "CPU(s)", "Vendor ID", "Hypervisor vendor"):
-        info[key.strip()] = value.strip()
-  except (OSError, subprocess.SubprocessError):
-    pass
-  try:
-    with open("/proc/cpuinfo") as f:
-      cpuinfo = f.read()
-  except OSError:
-    cpuinfo = ""
-  if "Model name" not in info:
-    names = [line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")]
-    info["Model name"] = names[0] if names else platform.processor() or "unknown"
-  flags = set(next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), ()))
-  info["avx512"], info["amx"] = ("avx512f" in flags, "amx_tile" in flags) if flags else (None, None)
-  return info
-
-
 def print_table(cpu: dict, limits: dict, results: list[dict]) -> None:
   print()
-  print(f"CPU: {cpu.get('Model name')} (family {cpu.get('CPU family')} model {cpu.get('Model')}, "
-        f"{cpu.get('CPU(s)')} CPUs, AVX-512 {cpu.get('avx512')}, AMX {cpu.get('amx')})")
+  print(mt.cpu_line(cpu))
   print("Machine limits (same run): fp32 %dx%d matmul GFLOP/s: jax %.1f, torch %.1f; read bandwidth %.1f GB/s" % (
       limits["matmul_n"], limits["matmul_n"], limits["matmul_gflops"]["jax"], limits["matmul_gflops"]["torch"],
       limits["read_bandwidth_gbs"]))
@@ -629,7 +603,7 @@ def main(argv=None) -> int:
   reuse = mt.apply_host_memory(args)
   use_host_memory_for_cpu_steps()  # what `grpo()` does on the CPU backend, whatever --host-memory says
   worker = mt.TorchWorker(args.threads, extra_ops_module="grpo_throughput", reuse_host_memory=reuse)
-  cpu = cpu_model()
+  cpu = mt.cpu_model()
   try:
     with tempfile.TemporaryDirectory(prefix="eemo_grpo_bench_") as folder:
       tokenizer_dir = build_offline_tokenizer(os.path.join(folder, "tokenizer"))
