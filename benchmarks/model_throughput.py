@@ -39,8 +39,8 @@ import json
 import multiprocessing
 import os
 import platform
-import subprocess
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -910,8 +910,9 @@ def print_table(cpu: dict, limits: dict, results: list[dict], new: int) -> None:
       rows.append((name, "decode weight-BW fraction, per round", f"{pf('jax'):.1%}", f"{pf('torch_eager'):.1%}",
                    f"{pf('torch_sdpa'):.1%}", "", "", "", f">={bw_tgt:.0%}" if bw_tgt else "", _ok(pf("jax"), bw_tgt)))
       p = d["jax"]["bw_fraction_paired"]
-      rows.append((name, "  interquartile range; the rounds' read BW GB/s", "{:.1%}-{:.1%}".format(*p["iqr"]),
-                   "%.1f (IQR %.1f-%.1f)" % (p["read_bandwidth_gbs"], *p["read_bandwidth_iqr_gbs"]), "", "", "", "", ""))
+      rows.append((name, "  IQR; the rounds' read BW %.1f GB/s (IQR %.1f-%.1f)" % (
+          p["read_bandwidth_gbs"], *p["read_bandwidth_iqr_gbs"]), "{:.1%}-{:.1%}".format(*p["iqr"]), "", "", "", "", "",
+                   ""))
       rows.append((name, "  of the limits' best-of read BW", f"{d['jax']['bw_fraction']:.1%}",
                    f"{d['torch_eager']['bw_fraction']:.1%}", f"{d['torch_sdpa']['bw_fraction']:.1%}", "", "", "", ""))
       if d["jax"]["matmul_stream_fraction"] is not None:
