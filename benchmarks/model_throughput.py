@@ -242,7 +242,8 @@ def machine_limits(repeats: int, worker: "TorchWorker", n: int = 2048, mbytes: i
   worker.call("limits_free")
   nbytes = count * 4
   bandwidth = {k: (nbytes if k.endswith("sum") else 2 * nbytes) / min(v) / 1e9 for k, v in bw.items()}
-  probes.clear(), jbuf.clear()  # free the 512 MB buffers before the stream phase
+  probes.clear()  # free the 512 MB buffers before the stream phase
+  jbuf.clear()
   stream = decode_matmul_stream(repeats, worker)
   limits_foreign.append(FOREIGN_CPU[-1])
   return {"foreign_cpu": limits_foreign,
@@ -420,10 +421,9 @@ def _torch_handle(state: dict, op: str, *args):
     rs = np.random.RandomState(0)
     state["a"], state["b"] = (torch.from_numpy(rs.randn(n, n).astype(np.float32)) for _ in range(2))
     state["out"] = torch.empty(n, n)
-    count = mbytes * 2**20 // 4
-    state["x"], state["y"] = torch.ones(count), torch.empty(count)
+    state["y"] = torch.empty(mbytes * 2**20 // 4)  # x + 1's output; x is the read probe's (`read_probe_setup`)
     return None
-  if op == "read_probe_setup":  # the 512 MB sum alone, raced beside a decode (`read_probe`)
+  if op == "read_probe_setup":  # the summed operand (`read_probe`): the limits phase and the decode race
     state["x"] = torch.ones(args[0] * 2**20 // 4)
     return None
   if op == "stream_setup":
